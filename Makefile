@@ -1,0 +1,59 @@
+# minibn: every target sets up its own virtual environment (.venv) first.
+#   make article   the main job: every lesson, then every figure
+#   make test      the test suite, single-process and under mpiexec -n 2, 3, 4
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+MPIEXEC := $(VENV)/bin/mpiexec
+STAMP  := $(VENV)/.minibn-installed
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+MPI_RANKS ?= 2 3 4
+
+.PHONY: all setup article figures lessons notebooks test test-fast test-mpi bench oracle info clean
+
+all: article
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) -e '.[mpi,dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+article: $(STAMP)
+	$(PY) -m minibn article
+
+figures: $(STAMP)
+	$(PY) -m minibn figures
+
+lessons: $(STAMP)
+	$(PY) -m minibn lessons
+
+notebooks: $(STAMP)
+	@mkdir -p notebooks
+	$(VENV)/bin/jupytext --to ipynb --output-dir notebooks lessons/*.py 2>/dev/null || \
+	  for f in lessons/*.py; do $(VENV)/bin/jupytext --to ipynb -o notebooks/$$(basename $${f%.py}).ipynb $$f; done
+
+test: test-fast test-mpi
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests --ignore=tests/mpi
+
+test-mpi: $(STAMP)
+	@for n in $(MPI_RANKS); do \
+	  echo "== tests/mpi under mpiexec -n $$n"; \
+	  $(MPIEXEC) -n $$n $(PY) -m mpi4py -m pytest -q -p no:cacheprovider tests/mpi || exit 1; \
+	done
+
+bench: $(STAMP)
+	$(PY) -m minibn bench
+
+# optional: PyTorch (CPU build) as a test oracle; tests that need it skip without it
+oracle: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check 'torch==2.13.0'
+
+info: $(STAMP)
+	$(PY) -m minibn info
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache notebooks

@@ -1,0 +1,546 @@
+"""Layers: state (parameters, buffers, train/eval mode) around the math in ``functional``.
+
+A layer here is a small object with ``forward(x)`` and a hand-written
+``backward(dy)``: ``backward`` returns the gradient with respect to the input
+and *accumulates* the gradients of the layer's parameters in ``p.grad``.  There
+is no autograd: ``Sequential.backward`` simply calls its layers in reverse.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+
+from . import functional as F
+from .backend import asnumpy, get_array_module, get_backend
+from .moments import channel_moments, reduce_axes
+
+__all__ = [
+    "Parameter", "Module", "Sequential", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+    "Linear", "ReLU", "CrossEntropyLoss", "SGD",
+]
+
+
+# =========================================================================== core
+
+class Parameter:
+    """A learnable array and its accumulated gradient (``None`` until a backward)."""
+
+    def __init__(self, data):
+        self.data = data
+        self.grad = None
+
+    def accumulate(self, g):
+        g = g.astype(self.data.dtype, copy=False).reshape(self.data.shape)
+        if self.grad is None:
+            self.grad = g.copy()
+        else:
+            self.grad += g
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    def __repr__(self):
+        return f"Parameter(shape={tuple(self.data.shape)}, dtype={self.data.dtype})"
+
+
+class Module:
+    """Base class: holds parameters, buffers, sub-modules and the train/eval mode.
+
+    Attributes that are :class:`Parameter` or :class:`Module` are registered
+    automatically; arrays that belong in the state dict but are not learned are
+    registered with :meth:`register_buffer`.  Names follow PyTorch, so state dicts
+    have the same keys (``"0.weight"``, ``"bn.running_mean"``, ...).
+    """
+
+    def __init__(self):
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    # -- attribute registry ------------------------------------------------
+    def __setattr__(self, name, value):
+        if "_parameters" not in self.__dict__:
+            raise RuntimeError(f"{type(self).__name__}: call Module.__init__() before assigning attributes")
+        if isinstance(value, Parameter):
+            self._modules.pop(name, None)
+            self._parameters[name] = value
+        elif isinstance(value, Module):
+            self._parameters.pop(name, None)
+            self._modules[name] = value
+        elif name in self._buffers:
+            self._buffers[name] = value
+        elif name in self._parameters:
+            if value is not None:
+                raise TypeError(f"cannot assign {type(value).__name__} to parameter {name!r} "
+                                "(wrap it in minibn.Parameter)")
+            self._parameters[name] = None
+        else:
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name):
+        d = self.__dict__
+        for key in ("_parameters", "_buffers", "_modules"):
+            if key in d and name in d[key]:
+                return d[key][name]
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+
+    def __delattr__(self, name):
+        for key in ("_parameters", "_buffers", "_modules"):
+            if name in self.__dict__[key]:
+                del self.__dict__[key][name]
+                return
+        object.__delattr__(self, name)
+
+    def register_buffer(self, name: str, value):
+        """Register a non-learned array (or ``None``) that belongs in the state dict."""
+        self.__dict__.pop(name, None)
+        self._buffers[name] = value
+
+    # -- traversal ---------------------------------------------------------
+    def named_children(self):
+        return iter(self._modules.items())
+
+    def children(self):
+        return iter(self._modules.values())
+
+    def named_modules(self, prefix: str = ""):
+        yield prefix, self
+        for name, child in self._modules.items():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def modules(self):
+        return (m for _, m in self.named_modules())
+
+    def named_parameters(self, prefix: str = "") -> Iterator[Tuple[str, Parameter]]:
+        for mod_name, mod in self.named_modules(prefix):
+            for name, p in mod._parameters.items():
+                if p is not None:
+                    yield (f"{mod_name}.{name}" if mod_name else name), p
+
+    def parameters(self):
+        return (p for _, p in self.named_parameters())
+
+    def named_buffers(self, prefix: str = ""):
+        for mod_name, mod in self.named_modules(prefix):
+            for name, b in mod._buffers.items():
+                if b is not None:
+                    yield (f"{mod_name}.{name}" if mod_name else name), b
+
+    # -- mode, gradients ---------------------------------------------------
+    def train(self, mode: bool = True):
+        for m in self.modules():
+            object.__setattr__(m, "training", bool(mode))
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def zero_grad(self):
+        """Forget accumulated gradients (set them to ``None``, as PyTorch does by default)."""
+        for p in self.parameters():
+            p.grad = None
+
+    # -- calling -----------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__}.forward")
+
+    def backward(self, dy):  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__}.backward")
+
+    # -- state -------------------------------------------------------------
+    def state_dict(self) -> "OrderedDict[str, object]":
+        """Copies of every parameter and buffer, under PyTorch's key names."""
+        out = OrderedDict()
+        for mod_name, mod in self.named_modules():
+            pre = f"{mod_name}." if mod_name else ""
+            for name, p in mod._parameters.items():
+                if p is not None:
+                    out[pre + name] = p.data.copy()
+            for name, b in mod._buffers.items():
+                if b is not None:
+                    out[pre + name] = b.copy()
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        """Copy values in place into parameters and buffers, after validating them.
+
+        Missing or unexpected keys raise ``KeyError`` (with ``strict=True``); a
+        wrong shape raises ``ValueError``; a value of the wrong kind (integer where
+        floats are expected, or the reverse) raises ``TypeError``.  Nothing is
+        changed unless every entry is valid.
+        """
+        own = OrderedDict()
+        for mod_name, mod in self.named_modules():
+            pre = f"{mod_name}." if mod_name else ""
+            for name, p in mod._parameters.items():
+                if p is not None:
+                    own[pre + name] = p.data
+            for name, b in mod._buffers.items():
+                if b is not None:
+                    own[pre + name] = b
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        if strict and (missing or unexpected):
+            raise KeyError(f"load_state_dict for {type(self).__name__}: missing keys {missing}, "
+                           f"unexpected keys {unexpected}")
+        staged = []
+        for key, target in own.items():
+            if key not in state_dict:
+                continue
+            value = state_dict[key]
+            if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+                value = np.asarray(value)
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(f"load_state_dict: {key!r} has shape {tuple(value.shape)}, "
+                                 f"expected {tuple(target.shape)}")
+            want_float = np.issubdtype(target.dtype, np.floating)
+            if np.issubdtype(value.dtype, np.floating) != want_float or value.dtype == np.bool_ \
+                    or not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
+                raise TypeError(f"load_state_dict: {key!r} has dtype {value.dtype}, expected "
+                                f"{'a floating' if want_float else 'an integer'} dtype like {target.dtype}")
+            staged.append((target, value))
+        for target, value in staged:
+            xp = get_array_module(target)
+            target[...] = xp.asarray(asnumpy(value) if xp is np else value, dtype=target.dtype)
+        return missing, unexpected
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self):
+        lines = [f"{type(self).__name__}({self.extra_repr()}"]
+        for name, child in self._modules.items():
+            lines.append(f"  ({name}): " + repr(child).replace("\n", "\n  "))
+        return lines[0] + (")" if len(lines) == 1 else "\n" + "\n".join(lines[1:]) + "\n)")
+
+
+class Sequential(Module):
+    """Layers applied in order; ``backward`` runs them in reverse."""
+
+    def __init__(self, *layers):
+        super().__init__()
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Module):
+                raise TypeError(f"Sequential: argument {i} is {type(layer).__name__}, not a Module")
+            setattr(self, str(i), layer)
+
+    def __getitem__(self, i):
+        return list(self._modules.values())[i]
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def forward(self, x):
+        for layer in self._modules.values():
+            x = layer(x)
+        return x
+
+    def backward(self, dy):
+        for layer in reversed(self._modules.values()):
+            dy = layer.backward(dy)
+        return dy
+
+
+# =========================================================================== batch norm
+
+def _check_dtype_arg(dtype):
+    dtype = np.dtype(np.float32 if dtype is None else dtype)
+    if not np.issubdtype(dtype, np.floating):
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    return dtype
+
+
+class _BatchNorm(Module):
+    """Shared by BatchNorm1d/2d/3d (and SyncBatchNorm): they differ only in the input ranks."""
+
+    _ranks: Tuple[int, ...] = ()
+    _rank_words = ""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, dtype=None):
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
+                or num_features < 1:
+            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        self.num_features = int(num_features)
+        self.eps = float(eps)
+        self.momentum = momentum          # validated by the property below
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        xp, dtype = get_backend(), _check_dtype_arg(dtype)
+        C = self.num_features
+        if self.affine:
+            self.weight = Parameter(xp.ones(C, dtype=dtype))
+            self.bias = Parameter(xp.zeros(C, dtype=dtype))
+        else:
+            self._parameters["weight"] = None
+            self._parameters["bias"] = None
+        if self.track_running_stats:
+            self.register_buffer("running_mean", xp.zeros(C, dtype=dtype))
+            self.register_buffer("running_var", xp.ones(C, dtype=dtype))
+            self.register_buffer("num_batches_tracked", xp.zeros((), dtype=np.int64))
+        else:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                self.register_buffer(name, None)
+        object.__setattr__(self, "_cache", None)
+
+    # momentum is the article's alpha: a number in [0, 1], or None (cumulative average)
+    @property
+    def momentum(self):
+        return self.__dict__["_momentum"]
+
+    @momentum.setter
+    def momentum(self, value):
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) \
+                    or not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"momentum must be a number in [0, 1] or None, got {value!r}")
+            value = float(value)
+        self.__dict__["_momentum"] = value
+
+    def __setattr__(self, name, value):
+        if name == "momentum":
+            type(self).momentum.fset(self, value)
+        else:
+            super().__setattr__(name, value)
+
+    def extra_repr(self):
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked[...] = 0
+
+    # -- input checks --------------------------------------------------------
+    def _check_input(self, x):
+        F.check_floating(x, f"{type(self).__name__} input")
+        if x.ndim not in self._ranks:
+            raise ValueError(f"{type(self).__name__}: expected {self._rank_words} input, "
+                             f"got {x.ndim}-D input of shape {tuple(x.shape)}")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"{type(self).__name__}: expected {self.num_features} channels "
+                             f"(input.shape[1]), got input of shape {tuple(x.shape)}")
+
+    # -- hooks that SyncBatchNorm overrides ----------------------------------
+    def _batch_statistics(self, x):
+        """``(count, mean, var)`` of the batch: here this process's, in SyncBN the global ones."""
+        return channel_moments(x, reduce_axes(x.ndim))
+
+    def _reduce_gradient_sums(self, sum_dy, sum_dy_xhat):
+        """The per-channel sums of the backward: here local, in SyncBN all-reduced."""
+        return sum_dy, sum_dy_xhat
+
+    # -- forward / backward ---------------------------------------------------
+    def _params(self):
+        w = self.weight.data if self.affine else None
+        b = self.bias.data if self.affine else None
+        return w, b
+
+    def forward(self, x):
+        self._check_input(x)
+        w, b = self._params()
+        use_batch_stats = self.training or not self.track_running_stats
+        if not use_batch_stats:
+            y, cache = F.batch_norm_eval_forward(x, self.running_mean, self.running_var, w, b, self.eps)
+            object.__setattr__(self, "_cache", cache)
+            return y
+        count, mean, var = self._batch_statistics(x)
+        if count == 0:               # an empty batch carries no statistics: nothing to update
+            object.__setattr__(self, "_cache", None)
+            return x.copy()
+        y, cache = F.batch_norm_forward(x, w, b, self.eps, stats=(count, mean, var))
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked += 1
+            factor = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
+            F.update_running_stats(self.running_mean, self.running_var, mean, var, count, factor)
+        object.__setattr__(self, "_cache", cache)
+        return y
+
+    def backward(self, dy):
+        cache = self._cache
+        if cache is None:
+            if not hasattr(dy, "size") or dy.size != 0:
+                raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+            return dy.copy()
+        if tuple(dy.shape) != tuple(cache.x_hat.shape):
+            raise ValueError(f"{type(self).__name__}.backward: dy has shape {tuple(dy.shape)}, "
+                             f"expected the forward's output shape {tuple(cache.x_hat.shape)}")
+        F.check_floating(dy, "dy")
+        dx, dw, db = F.batch_norm_backward(dy, cache, reduce=self._reduce_gradient_sums)
+        if self.affine:
+            self.weight.accumulate(dw)
+            self.bias.accumulate(db)
+        return dx
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch norm over ``(N, C)`` or ``(N, C, L)`` input, per channel ``C``."""
+    _ranks = (2, 3)
+    _rank_words = "2D (N, C) or 3D (N, C, L)"
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch norm over ``(N, C, H, W)`` input, per channel ``C``."""
+    _ranks = (4,)
+    _rank_words = "4D (N, C, H, W)"
+
+
+class BatchNorm3d(_BatchNorm):
+    """Batch norm over ``(N, C, D, H, W)`` input, per channel ``C``."""
+    _ranks = (5,)
+    _rank_words = "5D (N, C, D, H, W)"
+
+
+# =========================================================================== the few other layers
+
+def _rng(seed):
+    return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+
+
+class Linear(Module):
+    """``y = x W^T + b`` with ``W`` of shape ``(out_features, in_features)`` (PyTorch's layout).
+
+    Initialized like PyTorch: uniform in ``[-1/sqrt(in), 1/sqrt(in)]``; ``seed``
+    (an int or a NumPy Generator) makes it reproducible.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, seed=None, dtype=None):
+        super().__init__()
+        for n, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"Linear: {n} must be a positive integer, got {v!r}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        xp, dtype, rng = get_backend(), _check_dtype_arg(dtype), _rng(seed)
+        bound = 1.0 / math.sqrt(in_features)
+        self.weight = Parameter(xp.asarray(rng.uniform(-bound, bound, (out_features, in_features)), dtype=dtype))
+        if bias:
+            self.bias = Parameter(xp.asarray(rng.uniform(-bound, bound, out_features), dtype=dtype))
+        else:
+            self._parameters["bias"] = None
+        object.__setattr__(self, "_x", None)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    def forward(self, x):
+        F.check_floating(x, "Linear input")
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"Linear: expected input of shape (N, {self.in_features}), got {tuple(x.shape)}")
+        object.__setattr__(self, "_x", x)
+        y = x @ self.weight.data.T.astype(x.dtype, copy=False)
+        if self.bias is not None:
+            y = y + self.bias.data.astype(x.dtype, copy=False)
+        return y
+
+    def backward(self, dy):
+        x = self._x
+        if x is None:
+            raise RuntimeError("Linear.backward called before forward")
+        self.weight.accumulate(dy.T @ x)                   # dL/dW = dy^T x
+        if self.bias is not None:
+            self.bias.accumulate(dy.sum(axis=0))           # dL/db = sum over the batch
+        return dy @ self.weight.data.astype(dy.dtype, copy=False)   # dL/dx = dy W
+
+
+class ReLU(Module):
+    """``max(x, 0)``; the gradient passes where ``x > 0``."""
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        object.__setattr__(self, "_mask", x > 0)
+        return xp.where(self._mask, x, xp.zeros((), dtype=x.dtype))
+
+    def backward(self, dy):
+        xp = get_array_module(dy)
+        return xp.where(self.__dict__["_mask"], dy, xp.zeros((), dtype=dy.dtype))
+
+
+class CrossEntropyLoss(Module):
+    """Softmax cross-entropy averaged over the batch: ``loss = mean(-log softmax(z)[target])``.
+
+    ``forward(logits, targets)`` returns a Python float; ``backward()`` returns
+    ``dL/dlogits = (softmax(z) - onehot(target)) / N``.  ``reduction='sum'``
+    drops the ``1/N`` (used when each process holds part of a global batch).
+    """
+
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        self.reduction = reduction
+
+    def forward(self, logits, targets):
+        F.check_floating(logits, "logits")
+        xp = get_array_module(logits)
+        targets = xp.asarray(targets)
+        if logits.ndim != 2:
+            raise ValueError(f"CrossEntropyLoss: logits must be (N, classes), got shape {tuple(logits.shape)}")
+        if targets.shape != logits.shape[:1] or not np.issubdtype(targets.dtype, np.integer):
+            raise ValueError(f"CrossEntropyLoss: targets must be integers of shape ({logits.shape[0]},), "
+                             f"got {targets.dtype} of shape {tuple(targets.shape)}")
+        if targets.size and (int(targets.min()) < 0 or int(targets.max()) >= logits.shape[1]):
+            raise ValueError(f"CrossEntropyLoss: targets must lie in [0, {logits.shape[1] - 1}]")
+        z = logits - logits.max(axis=1, keepdims=True)      # shift: softmax is unchanged, exp cannot overflow
+        log_p = z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))
+        n = logits.shape[0]
+        picked = log_p[xp.arange(n), targets]
+        total = -float(picked.sum())
+        object.__setattr__(self, "_saved", (log_p, targets))
+        return total / n if self.reduction == "mean" and n else total
+
+    def backward(self, dy=1.0):
+        log_p, targets = self.__dict__["_saved"]
+        xp = get_array_module(log_p)
+        g = xp.exp(log_p)
+        g[xp.arange(g.shape[0]), targets] -= 1.0
+        if self.reduction == "mean" and g.shape[0]:
+            g /= g.shape[0]
+        return g * dy
+
+
+class SGD:
+    """Plain stochastic gradient descent, optionally with (heavy-ball) momentum and weight decay."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+        self.params = [p for p in params]
+        if not lr > 0:
+            raise ValueError(f"SGD: lr must be > 0, got {lr!r}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"SGD: momentum must be in [0, 1), got {momentum!r}")
+        self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
+        self._velocity = [None] * len(self.params)
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    def step(self):
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            g = p.grad + self.weight_decay * p.data if self.weight_decay else p.grad
+            if self.momentum:
+                v = self._velocity[i]
+                self._velocity[i] = v = g.copy() if v is None else v * self.momentum + g
+                g = v
+            p.data -= self.lr * g
