@@ -1,5 +1,9 @@
 """Every figure of the project, one function each; ``make figures`` calls them all.
 
+The figures live in one module per article section (``s1_intuition.py``,
+``s2_core_logic.py``, ...), each registering its functions with ``@figure``;
+this file is the pipeline they share.
+
 Reproducibility rules, enforced here once for every figure:
 
 * the Agg backend (no screen, same pixels everywhere),
@@ -21,7 +25,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import numpy as np
 
-__all__ = ["FIGURES", "figure", "save_figure", "make_figures", "to_jsonable"]
+__all__ = ["FIGURES", "figure", "save_figure", "make_figures", "to_jsonable", "load_all", "pyplot"]
 
 FIGURES: "OrderedDict[str, Callable]" = OrderedDict()
 
@@ -36,7 +40,8 @@ def figure(name: str):
     return register
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend with the project's fixed settings."""
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -60,7 +65,7 @@ def to_jsonable(obj):
 
 def save_figure(fig, data, out_dir: str, name: str) -> List[str]:
     """Write ``NAME.png`` and ``NAME.json`` into ``out_dir``; returns the two paths."""
-    plt = _pyplot()
+    plt = pyplot()
     os.makedirs(out_dir, exist_ok=True)
     png = os.path.join(out_dir, f"{name}.png")
     js = os.path.join(out_dir, f"{name}.json")
@@ -72,10 +77,26 @@ def save_figure(fig, data, out_dir: str, name: str) -> List[str]:
     return [png, js]
 
 
+SECTION_MODULES = ("s1_intuition", "s2_core_logic", "s3_running_statistics", "s4_dynamic_momentum",
+                   "s5_sync_batchnorm", "s6_multi_gpu", "s6_alternatives")
+
+
+def load_all():
+    """Import every section module, so that ``FIGURES`` holds every figure."""
+    import importlib
+    import pkgutil
+    present = {m.name for m in pkgutil.iter_modules(__path__)}
+    for name in SECTION_MODULES:
+        if name in present:
+            importlib.import_module(f"{__name__}.{name}")
+    return FIGURES
+
+
 def make_figures(out_dir: str = "figures", names: Optional[Iterable[str]] = None,
                  progress: bool = True) -> Dict[str, List[str]]:
     """Regenerate figures (all by default) into ``out_dir``; returns name -> written paths."""
-    _pyplot()
+    load_all()
+    pyplot()
     chosen = list(FIGURES) if names is None else list(names)
     unknown = [n for n in chosen if n not in FIGURES]
     if unknown:
@@ -90,8 +111,3 @@ def make_figures(out_dir: str = "figures", names: Optional[Iterable[str]] = None
         written[name] = save_figure(fig, data, out_dir, name)
     return written
 
-
-# ===========================================================================
-# The figures.  Each section of the article appends its figures below, in
-# article order; each figure function returns ``(fig, data)``.
-# ===========================================================================
