@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import runpy
 import sys
 
 
@@ -17,39 +16,72 @@ def lesson_paths():
     return sorted(glob.glob(os.path.join(_repo_root(), "lessons", "[0-9][0-9]_*.py")))
 
 
+def fail(message: str, code: int = 2):
+    """A usage error: one line on stderr and exit status 2 (no traceback)."""
+    print(f"python -m minibn: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
 def find_lesson(number: int) -> str:
-    for path in lesson_paths():
+    paths = lesson_paths()
+    for path in paths:
         if os.path.basename(path).startswith(f"{number:02d}_"):
             return path
-    raise SystemExit(f"minibn: no lesson {number}; there are: "
-                     + ", ".join(os.path.basename(p) for p in lesson_paths()))
+    there = ", ".join(os.path.basename(p) for p in paths) or "none (no lessons/ folder next to minibn)"
+    fail(f"no lesson {number}; the lessons are: {there}")
 
 
-def run_lesson(path: str):
-    print(f"\n{'=' * 78}\n{os.path.basename(path)}\n{'=' * 78}", flush=True)
-    runpy.run_path(path, run_name="__main__")
+def run_lesson(path: str, index: int = 1, total: int = 1) -> int:
+    """Run one lesson exactly as ``python lessons/NN_topic.py`` from the repository root.
+
+    Each lesson gets a fresh interpreter, so no state (backend, print options,
+    random generators) leaks from one lesson into the next.  Returns its exit status.
+    """
+    import subprocess
+    counter = f"[{index}/{total}] " if total > 1 else ""
+    print(f"\n{'=' * 78}\n{counter}{os.path.basename(path)}\n{'=' * 78}", flush=True)
+    sys.stderr.flush()
+    return subprocess.call([sys.executable, path], cwd=_repo_root())
 
 
 def cmd_lesson(args):
-    run_lesson(find_lesson(args.number))
+    return run_lesson(find_lesson(args.number))
 
 
 def cmd_lessons(args):
-    for path in lesson_paths():
-        run_lesson(path)
+    """Every lesson in order; a failing lesson is reported and the others still run."""
+    import time
+    paths = lesson_paths()
+    if not paths:
+        fail("no lessons found (expected lessons/NN_topic.py next to the minibn package)")
+    failed, start = [], time.perf_counter()
+    for i, path in enumerate(paths, start=1):
+        if run_lesson(path, i, len(paths)) != 0:
+            failed.append(os.path.basename(path))
+    print(f"\nlessons: {len(paths) - len(failed)} of {len(paths)} ran without error "
+          f"({time.perf_counter() - start:.1f} s)", flush=True)
+    if failed:
+        print("lessons that failed: " + ", ".join(failed), file=sys.stderr, flush=True)
+        return 1
+    return 0
 
 
 def cmd_figures(args):
-    from .figures import make_figures
+    from .figures import FIGURES, load_all, make_figures
+    load_all()
+    unknown = [n for n in (args.names or []) if n not in FIGURES]
+    if unknown:
+        fail(f"unknown figure name(s) {', '.join(unknown)}; the figures are: {', '.join(FIGURES)}")
     written = make_figures(args.out, names=args.names or None, progress=not args.quiet)
     for name, paths in written.items():
         print(f"{name}: " + ", ".join(paths))
+    return 0
 
 
 def cmd_article(args):
-    cmd_lessons(args)
+    status = cmd_lessons(args)
     args.names = None
-    cmd_figures(args)
+    return cmd_figures(args) or status
 
 
 def cmd_info(args):
@@ -107,7 +139,12 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except BrokenPipeError:          # output piped into e.g. `head`, which closed early
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

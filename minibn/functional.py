@@ -31,7 +31,8 @@ from .backend import get_array_module
 from .moments import channel_moments, reduce_axes
 
 __all__ = [
-    "BNCache", "check_floating", "channel_shape", "batch_norm_forward", "batch_norm_eval_forward",
+    "BNCache", "check_floating", "check_channel_vector", "channel_shape", "batch_norm_forward",
+    "batch_norm_eval_forward",
     "normalize", "batch_norm_backward", "batch_norm_backward_graph", "batch_norm",
     "update_running_stats",
 ]
@@ -50,6 +51,31 @@ def check_floating(x, what: str = "input"):
 def channel_shape(ndim: int, channel_axis: int = 1):
     """Shape that broadcasts a per-channel vector ``(C,)`` against the input."""
     return tuple(-1 if a == channel_axis else 1 for a in range(ndim))
+
+
+def check_channel_vector(v, num_channels: int, what: str):
+    """Raise unless ``v`` is ``None`` or an array of shape ``(num_channels,)``.
+
+    Without this check a vector of the wrong length could broadcast silently
+    (a ``(3,)`` gamma against a one-channel input gives three output channels).
+    """
+    if v is None:
+        return
+    shape = getattr(v, "shape", None)
+    if shape is None or tuple(shape) != (num_channels,):
+        given = f"shape {tuple(shape)}" if shape is not None else type(v).__name__
+        raise ValueError(f"{what} must have shape ({num_channels},), one value per channel of the "
+                         f"input, got {given}")
+
+
+def _check_bn_arguments(x, mean, var, weight, bias):
+    """Batch-norm input checks: a floating ``(N, C, *)`` input and ``(C,)`` vectors."""
+    check_floating(x)
+    if x.ndim < 2:
+        raise ValueError(f"batch norm expects input of shape (N, C, *), got shape {tuple(x.shape)}")
+    for v, what in ((mean, "mean"), (var, "var"), (weight, "weight"), (bias, "bias")):
+        check_channel_vector(v, x.shape[1], what)
+    get_array_module(x, mean, var, weight, bias)      # one device: NumPy and CuPy are not mixed
 
 
 def _per_channel(v, ndim, dtype):
@@ -91,11 +117,21 @@ def normalize(x, mean, var, weight, bias, eps):
 
     Returns ``(y, x_hat, inv_std)``; ``mean``/``var`` are per-channel (any float
     dtype), ``inv_std`` is returned in float64.
+
+    A float64 mean is first rounded to the element-wise dtype (the *shift*);
+    ``x - shift`` is then exact for values near the mean, and the rounding is
+    removed per channel afterwards: ``x_hat = (x - shift) / std - (mean - shift) / std``.
+    Without that last term a float32 input with ``|mean| >> std`` would be
+    normalized around a mean that is off by up to half a float32 ulp of the mean.
     """
+    # >>> solution: bn_forward.normalize
     xp = get_array_module(x)
     dt = _elementwise_dtype(x)
     inv_std = 1.0 / xp.sqrt(var.astype(np.float64) + eps)
-    x_hat = (x - _per_channel(mean, x.ndim, dt)) * _per_channel(inv_std, x.ndim, dt)
+    shift = mean.astype(dt, copy=False)
+    x_hat = (x - _per_channel(shift, x.ndim, dt)) * _per_channel(inv_std, x.ndim, dt)
+    if np.promote_types(mean.dtype, dt) != dt:        # the mean was rounded: remove the rounding
+        x_hat -= _per_channel((mean - shift.astype(mean.dtype)) * inv_std, x.ndim, dt)
     y = x_hat
     if weight is not None:
         y = y * _per_channel(weight, x.ndim, dt)
@@ -104,6 +140,7 @@ def normalize(x, mean, var, weight, bias, eps):
     if y is x_hat:
         y = x_hat.copy()  # the caller may modify y; x_hat is kept for backward
     return y.astype(x.dtype, copy=False), x_hat, inv_std
+    # <<< solution: bn_forward.normalize
 
 
 # --------------------------------------------------------------------------- forward
@@ -115,20 +152,20 @@ def batch_norm_forward(x, weight=None, bias=None, eps: float = 1e-5, stats=None)
     (SyncBatchNorm passes the global ones); by default they are this batch's.
     Returns ``(y, cache)``.
     """
-    check_floating(x)
-    if x.ndim < 2:
-        raise ValueError(f"batch norm expects input of shape (N, C, *), got shape {tuple(x.shape)}")
+    _check_bn_arguments(x, None, None, weight, bias)
+    # >>> solution: bn_forward.stats
     count, mean, var = stats if stats is not None else channel_moments(x, reduce_axes(x.ndim))
     if count <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input of shape "
                          f"{tuple(x.shape)} ({count} value(s) per channel)")
     y, x_hat, inv_std = normalize(x, mean, var, weight, bias, eps)
     return y, BNCache(x, x_hat, mean, var, inv_std, weight, eps, count)
+    # <<< solution: bn_forward.stats
 
 
 def batch_norm_eval_forward(x, mean, var, weight=None, bias=None, eps: float = 1e-5):
     """Forward with fixed statistics (inference). Returns ``(y, cache)``."""
-    check_floating(x)
+    _check_bn_arguments(x, mean, var, weight, bias)
     count = x.size // max(x.shape[1], 1) if x.ndim >= 2 else 0
     y, x_hat, inv_std = normalize(x, mean, var, weight, bias, eps)
     return y, BNCache(x, x_hat, mean, var, inv_std, weight, eps, count, frozen=True)
@@ -142,6 +179,13 @@ def _sum(a, axes):
     return xp.sum(a, axis=axes, dtype=np.float64)
 
 
+def _check_dy(dy, cache: BNCache):
+    check_floating(dy, "dy")
+    if tuple(dy.shape) != tuple(cache.x_hat.shape):
+        raise ValueError(f"dy has shape {tuple(dy.shape)}, expected the forward output's shape "
+                         f"{tuple(cache.x_hat.shape)}")
+
+
 def batch_norm_backward(dy, cache: BNCache, reduce=None):
     """Closed-form backward.  Returns ``(dx, dweight, dbias)``.
 
@@ -150,6 +194,8 @@ def batch_norm_backward(dy, cache: BNCache, reduce=None):
     the local per-channel ``(sum dy, sum dy*x_hat)`` to the global ones before
     they enter ``dx`` (SyncBatchNorm passes an Allreduce here).
     """
+    _check_dy(dy, cache)
+    # >>> solution: bn_backward
     axes = cache.axes
     local_dbias = _sum(dy, axes)
     local_dweight = _sum(dy * cache.x_hat, axes)
@@ -170,6 +216,7 @@ def batch_norm_backward(dy, cache: BNCache, reduce=None):
     if cache.weight is None:
         return dx, None, None
     return dx, local_dweight.astype(cache.weight.dtype), local_dbias.astype(cache.weight.dtype)
+    # <<< solution: bn_backward
 
 
 def batch_norm_backward_graph(dy, cache: BNCache):
@@ -189,6 +236,7 @@ def batch_norm_backward_graph(dy, cache: BNCache):
     if cache.frozen:
         raise ValueError("batch_norm_backward_graph is the training-mode derivation; "
                          "in eval mode the statistics are constants")
+    _check_dy(dy, cache)
     xp = get_array_module(dy)
     axes = cache.axes
     shape = channel_shape(dy.ndim)
@@ -202,6 +250,7 @@ def batch_norm_backward_graph(dy, cache: BNCache):
     x_hat = xc * istd                                  # node: x_hat = xc * istd
     gamma = cache.weight.astype(np.float64).reshape(shape) if cache.weight is not None else 1.0
 
+    # >>> solution: bn_backward_graph
     dbeta = dy.sum(axis=axes)                          # y = gamma * x_hat + beta
     dgamma = (dy * x_hat).sum(axis=axes)
     dx_hat = dy * gamma
@@ -215,6 +264,7 @@ def batch_norm_backward_graph(dy, cache: BNCache):
     if cache.weight is None:
         return dx, None, None
     return dx, dgamma, dbeta
+    # <<< solution: bn_backward_graph
 
 
 # --------------------------------------------------------------------------- running statistics
@@ -228,7 +278,11 @@ def update_running_stats(running_mean, running_var, mean, var, count: int, momen
     """
     if count < 2:
         raise ValueError(f"running statistics need more than 1 value per channel, got {count}")
+    get_array_module(running_mean, running_var, mean, var)   # one device
     a = float(momentum)
+    if not 0.0 <= a <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1] (the weight of the new batch), got {momentum!r}")
+    # >>> solution: running_stats
     unbiased_var = var * (count / (count - 1))
     if running_mean is not None:
         running_mean *= (1.0 - a)
@@ -236,6 +290,7 @@ def update_running_stats(running_mean, running_var, mean, var, count: int, momen
     if running_var is not None:
         running_var *= (1.0 - a)
         running_var += (a * unbiased_var).astype(running_var.dtype, copy=False)
+    # <<< solution: running_stats
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: bool = False,
@@ -264,3 +319,247 @@ def batch_norm_with_cache(x, running_mean, running_var, weight=None, bias=None,
     if running_mean is None or running_var is None:
         raise ValueError("batch_norm: eval mode needs running_mean and running_var")
     return batch_norm_eval_forward(x, running_mean, running_var, weight, bias, eps)
+
+
+# =========================================================================== LayerNorm, GroupNorm, InstanceNorm
+#
+# Section 6.3 of the article: normalizations whose statistics never mix samples,
+# so they need no synchronization and behave the same for any batch size.
+#
+# All three are batch norm on a reshaped view.  Put each group of values that
+# shares one mean and one variance into a row: the input becomes a (1, R, m)
+# view with R rows (batch norm's "channels") of m values each:
+#
+#     LayerNorm(shape)   R = prod(leading dims)   m = prod(normalized_shape)
+#     GroupNorm(G)       R = N * G                m = (C / G) * prod(spatial)
+#     InstanceNorm       R = N * C                m = prod(spatial)      (GroupNorm with G = C)
+#
+# x_hat and its backward are then exactly batch norm's without affine
+# parameters (``normalize`` and ``batch_norm_backward`` above).  Only the affine
+# step differs: gamma and beta belong to channels (GroupNorm, InstanceNorm) or
+# to the elements of ``normalized_shape`` (LayerNorm), never to rows::
+#
+#     y      = gamma * x_hat + beta
+#     dbeta  = sum(dy)            over every axis gamma is broadcast along
+#     dgamma = sum(dy * x_hat)    over the same axes
+#     dx     = batch-norm backward, on the row view, of g = dy * gamma
+
+@dataclass
+class RowNormCache:
+    """What :func:`row_norm_backward` needs: the batch-norm cache of the row view
+    and how gamma/beta are laid out against the input."""
+    rows: BNCache              # cache of the (1, R, m) view; rows.mean/var are the (R,) statistics
+    x_hat: object              # the normalized input, in the input's shape
+    weight: object             # gamma (None without affine parameters)
+    bias: object               # beta (None without it); only its shape and dtype are used
+    param_shape: tuple         # shape gamma/beta are broadcast as against the input
+    param_axes: tuple          # the input axes dgamma/dbeta are summed over
+
+
+def _row_norm_forward(x, rows: int, m: int, weight, bias, param_shape, param_axes, eps):
+    """Normalize each of ``rows`` consecutive chunks of ``m`` values, then scale and shift."""
+    x3 = x.reshape(1, rows, m)
+    count, mean, var = channel_moments(x3, (0, 2))           # float64, one per row
+    _, x_hat3, inv_std = normalize(x3, mean, var, None, None, eps)
+    x_hat = x_hat3.reshape(x.shape)
+    dt = _elementwise_dtype(x)
+    y = x_hat
+    if weight is not None:
+        y = y * weight.reshape(param_shape).astype(dt, copy=False)
+    if bias is not None:
+        y = y + bias.reshape(param_shape).astype(dt, copy=False)
+    if y is x_hat:
+        y = x_hat.copy()
+    cache = RowNormCache(BNCache(x3, x_hat3, mean, var, inv_std, None, eps, count), x_hat, weight, bias,
+                         tuple(param_shape), tuple(param_axes))
+    return y.astype(x.dtype, copy=False), cache
+
+
+def row_norm_backward(dy, cache: RowNormCache):
+    """Backward of LayerNorm, GroupNorm and InstanceNorm (training statistics).
+
+    Returns ``(dx, dweight, dbias)``; ``dweight``/``dbias`` are ``None`` for a
+    missing parameter.
+    """
+    check_floating(dy, "dy")
+    if tuple(dy.shape) != tuple(cache.x_hat.shape):
+        raise ValueError(f"dy has shape {tuple(dy.shape)}, expected the forward output's shape "
+                         f"{tuple(cache.x_hat.shape)}")
+    # >>> solution: ln_gn_backward
+    dt = _elementwise_dtype(dy)
+    dweight = dbias = None
+    g = dy
+    if cache.weight is not None:
+        w = cache.weight
+        dweight = _sum(dy * cache.x_hat, cache.param_axes).reshape(w.shape).astype(w.dtype)
+        g = dy * w.reshape(cache.param_shape).astype(dt, copy=False)
+    if cache.bias is not None:
+        b = cache.bias
+        dbias = _sum(dy, cache.param_axes).reshape(b.shape).astype(b.dtype)
+    dx3, _, _ = batch_norm_backward(g.reshape(cache.rows.x_hat.shape), cache.rows)
+    return dx3.reshape(dy.shape).astype(dy.dtype, copy=False), dweight, dbias
+    # <<< solution: ln_gn_backward
+
+
+def _check_param(v, shape, what, layer):
+    if v is None:
+        return
+    check_floating(v, f"{layer} {what}")
+    if tuple(v.shape) != tuple(shape):
+        raise ValueError(f"{layer}: {what} must have shape {tuple(shape)}, got {tuple(v.shape)}")
+
+
+def _normalized_shape(normalized_shape):
+    """``int`` or sequence of ints to a non-empty tuple of non-negative ints."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else normalized_shape
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, "
+                        f"got {normalized_shape!r}") from None
+    if not shape or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0
+                        for s in shape):
+        raise ValueError(f"normalized_shape must be a non-empty sequence of non-negative ints, "
+                         f"got {normalized_shape!r}")
+    return tuple(int(s) for s in shape)
+
+
+# --------------------------------------------------------------------------- LayerNorm
+
+def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
+    """LayerNorm: statistics over the trailing ``normalized_shape`` axes of each sample.
+
+    ``x`` has shape ``(*, *normalized_shape)``; ``weight``/``bias`` have shape
+    ``normalized_shape`` (one value per normalized element).  Returns ``(y, cache)``.
+    """
+    shape = _normalized_shape(normalized_shape)
+    check_floating(x, "LayerNorm input")
+    k = len(shape)
+    if x.ndim < k or tuple(x.shape[x.ndim - k:]) != shape:
+        raise ValueError(f"LayerNorm: normalized_shape={list(shape)} expects input of shape "
+                         f"[*, {', '.join(map(str, shape))}], got input of shape {tuple(x.shape)}")
+    _check_param(weight, shape, "weight", "LayerNorm")
+    _check_param(bias, shape, "bias", "LayerNorm")
+    m = int(np.prod(shape))
+    rows = int(np.prod(x.shape[:x.ndim - k]))
+    return _row_norm_forward(x, rows, m, weight, bias, shape, tuple(range(x.ndim - k)), eps)
+
+
+def layer_norm_backward(dy, cache: RowNormCache):
+    """``(dx, dweight, dbias)`` of :func:`layer_norm_forward`."""
+    return row_norm_backward(dy, cache)
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
+    """``torch.nn.functional.layer_norm``'s signature; returns ``y``."""
+    return layer_norm_forward(x, normalized_shape, weight, bias, eps)[0]
+
+
+# --------------------------------------------------------------------------- GroupNorm
+
+def group_norm_forward(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5):
+    """GroupNorm: the ``C`` channels of each sample split into ``num_groups`` groups of
+    consecutive channels; statistics over each group's channels and spatial positions.
+
+    ``x`` has shape ``(N, C, *)``; ``weight``/``bias`` have shape ``(C,)``.
+    Returns ``(y, cache)``.
+    """
+    check_floating(x, "GroupNorm input")
+    if x.ndim < 2:
+        raise ValueError(f"GroupNorm expects input of shape (N, C, *), got shape {tuple(x.shape)}")
+    N, C = x.shape[0], x.shape[1]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)) or num_groups < 1:
+        raise ValueError(f"num_groups must be a positive integer, got {num_groups!r}")
+    if C % num_groups:
+        raise ValueError(f"GroupNorm: the {C} channels of the input (shape {tuple(x.shape)}) must be "
+                         f"divisible by num_groups ({num_groups})")
+    _check_param(weight, (C,), "weight", "GroupNorm")
+    _check_param(bias, (C,), "bias", "GroupNorm")
+    rows = N * int(num_groups)
+    m = (C // int(num_groups)) * int(np.prod(x.shape[2:]))
+    return _row_norm_forward(x, rows, m, weight, bias, channel_shape(x.ndim),
+                             reduce_axes(x.ndim), eps)
+
+
+def group_norm_backward(dy, cache: RowNormCache):
+    """``(dx, dweight, dbias)`` of :func:`group_norm_forward`."""
+    return row_norm_backward(dy, cache)
+
+
+def group_norm(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5):
+    """``torch.nn.functional.group_norm``'s signature; returns ``y``."""
+    return group_norm_forward(x, num_groups, weight, bias, eps)[0]
+
+
+# --------------------------------------------------------------------------- InstanceNorm
+
+def _check_spatial_size(x):
+    spatial = int(np.prod(x.shape[2:]))
+    if spatial == 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, got input of shape "
+                         f"{tuple(x.shape)} (instance norm takes its statistics over the spatial "
+                         f"positions of each sample and channel)")
+
+
+def instance_norm_forward(x, weight=None, bias=None, eps: float = 1e-5):
+    """InstanceNorm with the statistics of each (sample, channel): GroupNorm with G = C.
+
+    ``x`` has shape ``(N, C, *spatial)`` with more than one spatial element
+    (``ValueError`` otherwise, as in PyTorch).  Returns ``(y, cache)``;
+    ``cache.rows.mean``/``.var`` hold the ``N * C`` statistics, sample-major.
+    """
+    check_floating(x, "InstanceNorm input")
+    if x.ndim < 3:
+        raise ValueError(f"InstanceNorm expects input of shape (N, C, *spatial), got shape "
+                         f"{tuple(x.shape)}")
+    _check_spatial_size(x)
+    return group_norm_forward(x, x.shape[1], weight, bias, eps)
+
+
+def instance_norm_backward(dy, cache):
+    """``(dx, dweight, dbias)`` of :func:`instance_norm_with_cache` (either mode)."""
+    if isinstance(cache, BNCache):          # running statistics: batch norm's eval backward
+        return batch_norm_backward(dy, cache)
+    return row_norm_backward(dy, cache)
+
+
+def instance_norm_with_cache(x, running_mean=None, running_var=None, weight=None, bias=None,
+                             use_input_stats: bool = True, momentum: float = 0.1, eps: float = 1e-5):
+    """:func:`instance_norm`, also returning the cache for :func:`instance_norm_backward`."""
+    if not use_input_stats:
+        if running_mean is None or running_var is None:
+            raise ValueError("instance_norm: use_input_stats=False needs running_mean and running_var")
+        return batch_norm_eval_forward(x, running_mean, running_var, weight, bias, eps)
+    y, cache = instance_norm_forward(x, weight, bias, eps)
+    if running_mean is not None or running_var is not None:
+        N, C = x.shape[0], x.shape[1]
+        check_channel_vector(running_mean, C, "running_mean")
+        check_channel_vector(running_var, C, "running_var")
+        if N > 0:
+            # PyTorch's rule: each sample updates the running statistics as if it
+            # were its own batch, which averages the per-sample statistics over N.
+            mean = cache.rows.mean.reshape(N, C).mean(axis=0)
+            var = cache.rows.var.reshape(N, C).mean(axis=0)
+            update_running_stats(running_mean, running_var, mean, var, cache.rows.count, momentum)
+    return y, cache
+
+
+def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
+                  use_input_stats: bool = True, momentum: float = 0.1, eps: float = 1e-5):
+    """``torch.nn.functional.instance_norm``'s signature; returns ``y``.
+
+    With ``use_input_stats`` each (sample, channel) is normalized with its own
+    statistics, and the running statistics, when given, are updated in place
+    with the average over the batch of the per-sample mean and unbiased
+    variance.  Otherwise the running statistics normalize ``x``.
+    """
+    return instance_norm_with_cache(x, running_mean, running_var, weight, bias,
+                                    use_input_stats, momentum, eps)[0]
+
+
+__all__ += [
+    "RowNormCache", "row_norm_backward",
+    "layer_norm_forward", "layer_norm_backward", "layer_norm",
+    "group_norm_forward", "group_norm_backward", "group_norm",
+    "instance_norm_forward", "instance_norm_backward", "instance_norm_with_cache", "instance_norm",
+]

@@ -45,7 +45,7 @@ def channel_moments(x, axes, keepdims: bool = False):
     mean and var are zeros (an empty part contributes nothing to a merge).
     """
     xp = get_array_module(x)
-    axes = tuple(axes)
+    axes = tuple(sorted({int(a) % x.ndim for a in axes})) if x.ndim else ()
     count = 1
     for a in axes:
         count *= x.shape[a]
@@ -56,12 +56,18 @@ def channel_moments(x, axes, keepdims: bool = False):
     else:
         # pass 1: the mean, accumulated in float64
         mean = xp.mean(x, axis=axes, dtype=np.float64, keepdims=True)
-        # pass 2: deviations from the (rounded) mean, in the work dtype
-        d = x.astype(_work_dtype(x.dtype), copy=False) - mean.astype(_work_dtype(x.dtype))
+        # pass 2: deviations from the shift = the mean rounded to the work dtype
+        shift = mean.astype(_work_dtype(x.dtype))
+        d = x.astype(shift.dtype, copy=False) - shift
         d_mean = xp.mean(d, axis=axes, dtype=np.float64, keepdims=True)
         d2_mean = xp.mean(xp.square(d), axis=axes, dtype=np.float64, keepdims=True)
         var = xp.maximum(d2_mean - d_mean * d_mean, 0.0)
-        mean = mean + d_mean
+        # mean(d) is measured from the *rounded* shift: shift + mean(d) is the mean again.
+        # It refines the pass-1 mean only when d is as precise as float64 (float64 input,
+        # where shift == mean); for float32 input d carries float32 roundings, while the
+        # pass-1 mean of the float32 values, summed in float64, is already exact to float64.
+        if shift.dtype == np.float64:
+            mean = shift + d_mean
     if not keepdims:
         mean = mean.reshape(tuple(s for a, s in enumerate(kept) if a not in axes))
         var = var.reshape(mean.shape)
@@ -90,10 +96,12 @@ def merge_moments(counts, means, variances):
     total = float(counts.sum())
     if total == 0:
         raise ValueError("merge_moments: all parts are empty (total count 0)")
+    # >>> solution: merge_moments
     w = (counts / total).reshape((-1,) + (1,) * (means.ndim - 1))
     mean = (w * means).sum(axis=0)
     var = (w * (variances + (means - mean) ** 2)).sum(axis=0)
     return int(round(total)), mean, var
+    # <<< solution: merge_moments
 
 
 def unbiased(var, count: int):

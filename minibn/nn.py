@@ -8,12 +8,14 @@ is no autograd: ``Sequential.backward`` simply calls its layers in reverse.
 from __future__ import annotations
 
 import math
+import numbers
 from collections import OrderedDict
 from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
 from . import functional as F
+from . import kernels as K     # fast forward/backward; K.reference_kernels() selects F
 from .backend import asnumpy, get_array_module, get_backend
 from .moments import channel_moments, reduce_axes
 
@@ -29,6 +31,11 @@ class Parameter:
     """A learnable array and its accumulated gradient (``None`` until a backward)."""
 
     def __init__(self, data):
+        dtype = getattr(data, "dtype", None)
+        if dtype is None or not hasattr(data, "shape"):
+            raise TypeError(f"Parameter needs a NumPy or CuPy array, got {type(data).__name__}")
+        if not np.issubdtype(dtype, np.floating):
+            raise TypeError(f"Parameter needs a floating-point array, got dtype {dtype}")
         self.data = data
         self.grad = None
 
@@ -200,8 +207,8 @@ class Module:
             if key not in state_dict:
                 continue
             value = state_dict[key]
-            if not hasattr(value, "shape") or not hasattr(value, "dtype"):
-                value = np.asarray(value)
+            if not isinstance(getattr(value, "dtype", None), np.dtype) or not hasattr(value, "shape"):
+                value = np.asarray(value)       # lists, scalars, CPU tensors of other libraries
             if tuple(value.shape) != tuple(target.shape):
                 raise ValueError(f"load_state_dict: {key!r} has shape {tuple(value.shape)}, "
                                  f"expected {tuple(target.shape)}")
@@ -266,7 +273,27 @@ def _check_dtype_arg(dtype):
 
 
 class _BatchNorm(Module):
-    """Shared by BatchNorm1d/2d/3d (and SyncBatchNorm): they differ only in the input ranks."""
+    """Shared by BatchNorm1d/2d/3d (and SyncBatchNorm): they differ only in the input ranks.
+
+    Training mode normalizes with the batch statistics of each channel (biased
+    variance, over the ``m = N * prod(spatial)`` values of the channel) and, when
+    ``track_running_stats``, updates ``running <- (1 - momentum) running +
+    momentum * batch`` with the *unbiased* batch variance, as PyTorch does;
+    ``momentum=None`` is the cumulative average over ``num_batches_tracked``
+    batches.  Eval mode normalizes with the running statistics (with the batch
+    statistics when ``track_running_stats=False``).
+
+    dtypes: the output and ``dx`` have the input's dtype (float16, float32 or
+    float64); statistics are accumulated in float64 and float16 element-wise
+    work is done in float32.  Non-floating input is a ``TypeError``.
+
+    Deliberate difference from PyTorch: an empty training batch (``N = 0``)
+    returns an empty output and leaves ``running_mean``, ``running_var`` *and*
+    ``num_batches_tracked`` untouched (PyTorch increments the counter).  An
+    empty batch carries no statistics, so counting it would only shift the
+    weights of a ``momentum=None`` cumulative average.  Its backward gives an
+    empty ``dx`` and zero parameter gradients.
+    """
 
     _ranks: Tuple[int, ...] = ()
     _rank_words = ""
@@ -309,7 +336,7 @@ class _BatchNorm(Module):
     @momentum.setter
     def momentum(self, value):
         if value is not None:
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) \
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) \
                     or not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"momentum must be a number in [0, 1] or None, got {value!r}")
             value = float(value)
@@ -344,7 +371,7 @@ class _BatchNorm(Module):
     # -- hooks that SyncBatchNorm overrides ----------------------------------
     def _batch_statistics(self, x):
         """``(count, mean, var)`` of the batch: here this process's, in SyncBN the global ones."""
-        return channel_moments(x, reduce_axes(x.ndim))
+        return K.channel_moments(x)
 
     def _reduce_gradient_sums(self, sum_dy, sum_dy_xhat):
         """The per-channel sums of the backward: here local, in SyncBN all-reduced."""
@@ -352,23 +379,30 @@ class _BatchNorm(Module):
 
     # -- forward / backward ---------------------------------------------------
     def _params(self):
-        w = self.weight.data if self.affine else None
-        b = self.bias.data if self.affine else None
-        return w, b
+        if not self.affine:
+            return None, None
+        w, b = self._parameters.get("weight"), self._parameters.get("bias")
+        if w is None or b is None:
+            raise ValueError(f"{type(self).__name__} was built with affine=True but its "
+                             f"{'weight' if w is None else 'bias'} is None; build it with "
+                             "affine=False for a layer without scale and shift")
+        return w.data, b.data
 
     def forward(self, x):
         self._check_input(x)
+        object.__setattr__(self, "_empty_shape", None)
         w, b = self._params()
         use_batch_stats = self.training or not self.track_running_stats
         if not use_batch_stats:
-            y, cache = F.batch_norm_eval_forward(x, self.running_mean, self.running_var, w, b, self.eps)
+            y, cache = K.batch_norm_eval_forward(x, self.running_mean, self.running_var, w, b, self.eps)
             object.__setattr__(self, "_cache", cache)
             return y
         count, mean, var = self._batch_statistics(x)
         if count == 0:               # an empty batch carries no statistics: nothing to update
             object.__setattr__(self, "_cache", None)
+            object.__setattr__(self, "_empty_shape", tuple(x.shape))
             return x.copy()
-        y, cache = F.batch_norm_forward(x, w, b, self.eps, stats=(count, mean, var))
+        y, cache = K.batch_norm_forward(x, w, b, self.eps, stats=(count, mean, var))
         if self.training and self.track_running_stats:
             self.num_batches_tracked += 1
             factor = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
@@ -379,14 +413,22 @@ class _BatchNorm(Module):
     def backward(self, dy):
         cache = self._cache
         if cache is None:
-            if not hasattr(dy, "size") or dy.size != 0:
+            empty_shape = self.__dict__.get("_empty_shape")
+            if empty_shape is None:
                 raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+            if tuple(getattr(dy, "shape", ())) != empty_shape:
+                raise ValueError(f"{type(self).__name__}.backward: dy has shape "
+                                 f"{tuple(getattr(dy, 'shape', ()))}, expected the forward's "
+                                 f"output shape {empty_shape}")
+            for p in (self.weight, self.bias) if self.affine else ():
+                if p is not None:             # an empty batch contributes a zero gradient
+                    p.accumulate(get_array_module(p.data).zeros_like(p.data))
             return dy.copy()
-        if tuple(dy.shape) != tuple(cache.x_hat.shape):
+        if tuple(dy.shape) != tuple(cache.x.shape):
             raise ValueError(f"{type(self).__name__}.backward: dy has shape {tuple(dy.shape)}, "
-                             f"expected the forward's output shape {tuple(cache.x_hat.shape)}")
+                             f"expected the forward's output shape {tuple(cache.x.shape)}")
         F.check_floating(dy, "dy")
-        dx, dw, db = F.batch_norm_backward(dy, cache, reduce=self._reduce_gradient_sums)
+        dx, dw, db = K.batch_norm_backward(dy, cache, reduce=self._reduce_gradient_sums)
         if self.affine:
             self.weight.accumulate(dw)
             self.bias.accumulate(db)
@@ -544,3 +586,223 @@ class SGD:
                 self._velocity[i] = v = g.copy() if v is None else v * self.momentum + g
                 g = v
             p.data -= self.lr * g
+
+
+# =========================================================================== LayerNorm, GroupNorm, InstanceNorm
+#
+# Normalizations whose statistics never mix samples (article, section 6.3): the
+# output for one sample is the same whatever else is in the batch, so they need
+# no synchronization across processes.  The math is in ``functional.py``; these
+# classes hold parameters (and InstanceNorm's optional running statistics).
+
+def _check_eps(eps):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    return float(eps)
+
+
+def _check_positive_int(v, what):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{what} must be a positive integer, got {v!r}")
+    return int(v)
+
+
+class _SampleNorm(Module):
+    """Shared by LayerNorm, GroupNorm and InstanceNorm*: affine parameters and backward."""
+
+    def _init_affine(self, shape, affine: bool, bias: bool, dtype):
+        xp, dtype = get_backend(), _check_dtype_arg(dtype)
+        if affine:
+            self.weight = Parameter(xp.ones(shape, dtype=dtype))
+            if bias:
+                self.bias = Parameter(xp.zeros(shape, dtype=dtype))
+            else:
+                self._parameters["bias"] = None
+        else:
+            self._parameters["weight"] = None
+            self._parameters["bias"] = None
+        object.__setattr__(self, "_cache", None)
+
+    def _params(self):
+        w, b = self._parameters.get("weight"), self._parameters.get("bias")
+        return (None if w is None else w.data), (None if b is None else b.data)
+
+    def _backward(self, dy, cache):
+        return F.row_norm_backward(dy, cache)
+
+    def backward(self, dy):
+        cache = self.__dict__.get("_cache")
+        if cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        dx, dw, db = self._backward(dy, cache)
+        if dw is not None:
+            self.weight.accumulate(dw)
+        if db is not None:
+            self.bias.accumulate(db)
+        return dx
+
+
+class LayerNorm(_SampleNorm):
+    """Layer norm: each sample normalized over its trailing ``normalized_shape`` axes.
+
+    ``LayerNorm((C, H, W))`` on ``(N, C, H, W)`` input takes one mean and one
+    variance per sample; ``weight``/``bias`` have shape ``normalized_shape``
+    (an element-wise gamma and beta), as in PyTorch.  Input: ``(*, *normalized_shape)``.
+    """
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, dtype=None):
+        super().__init__()
+        self.normalized_shape = F._normalized_shape(normalized_shape)
+        self.eps = _check_eps(eps)
+        self.elementwise_affine = bool(elementwise_affine)
+        self._init_affine(self.normalized_shape, self.elementwise_affine, bias, dtype)
+
+    def extra_repr(self):
+        return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+                f"bias={self.bias is not None}")
+
+    def forward(self, x):
+        w, b = self._params()
+        y, cache = F.layer_norm_forward(x, self.normalized_shape, w, b, self.eps)
+        object.__setattr__(self, "_cache", cache)
+        return y
+
+
+class GroupNorm(_SampleNorm):
+    """Group norm: the channels of each sample split into ``num_groups`` groups of
+    consecutive channels, one mean and variance per (sample, group).
+
+    ``weight``/``bias`` have shape ``(num_channels,)``.  ``num_groups=1`` is a
+    layer norm over ``(C, *)`` with per-channel gamma; ``num_groups=C`` is an
+    instance norm.  Input: ``(N, C, *)``.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 *, bias: bool = True, dtype=None):
+        super().__init__()
+        self.num_groups = _check_positive_int(num_groups, "num_groups")
+        self.num_channels = _check_positive_int(num_channels, "num_channels")
+        if self.num_channels % self.num_groups:
+            raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
+        self.eps = _check_eps(eps)
+        self.affine = bool(affine)
+        self._init_affine((self.num_channels,), self.affine, bias, dtype)
+
+    def extra_repr(self):
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+
+    def forward(self, x):
+        F.check_floating(x, "GroupNorm input")
+        if x.ndim < 2 or x.shape[1] != self.num_channels:
+            raise ValueError(f"GroupNorm: expected input of shape (N, {self.num_channels}, *), "
+                             f"got {tuple(x.shape)}")
+        w, b = self._params()
+        y, cache = F.group_norm_forward(x, self.num_groups, w, b, self.eps)
+        object.__setattr__(self, "_cache", cache)
+        return y
+
+
+def _check_instance_momentum(momentum):
+    if isinstance(momentum, (bool, np.bool_)) or not isinstance(momentum, numbers.Real) \
+            or not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"InstanceNorm: momentum must be a number in [0, 1] (the weight of the new "
+                         f"batch), got {momentum!r}")
+    return float(momentum)
+
+
+class _InstanceNorm(_SampleNorm):
+    """Instance norm: one mean and variance per (sample, channel), over the spatial axes.
+
+    PyTorch's defaults and rules: ``affine=False``, ``track_running_stats=False``;
+    with ``track_running_stats`` the training forward also updates
+    ``running <- (1 - momentum) running + momentum * (average over the batch of
+    the per-sample mean / unbiased variance)`` and eval mode normalizes with the
+    running statistics.  Input without the batch axis (``(C, L)`` for 1d,
+    ``(C, H, W)`` for 2d) is one sample.  Training with one spatial element is a
+    ``ValueError``.  ``num_batches_tracked`` exists for state-dict compatibility
+    and, as in PyTorch, is not incremented.
+
+    Deliberate differences from PyTorch: a channel count that differs from
+    ``num_features`` is always an error (PyTorch only warns when
+    ``affine=False``), and ``momentum=None`` is refused (PyTorch then silently
+    never updates the running statistics).
+    """
+
+    _spatial_dims = 1
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
+                 affine: bool = False, track_running_stats: bool = False, *, bias: bool = True,
+                 dtype=None):
+        super().__init__()
+        self.num_features = _check_positive_int(num_features, "num_features")
+        self.eps = _check_eps(eps)
+        self.momentum = _check_instance_momentum(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self._init_affine((self.num_features,), self.affine, bias, dtype)
+        xp, dtype = get_backend(), _check_dtype_arg(dtype)
+        C = self.num_features
+        if self.track_running_stats:
+            self.register_buffer("running_mean", xp.zeros(C, dtype=dtype))
+            self.register_buffer("running_var", xp.ones(C, dtype=dtype))
+            self.register_buffer("num_batches_tracked", xp.zeros((), dtype=np.int64))
+        else:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                self.register_buffer(name, None)
+
+    def extra_repr(self):
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}")
+
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked[...] = 0
+
+    def forward(self, x):
+        F.check_floating(x, f"{type(self).__name__} input")
+        s = self._spatial_dims
+        if x.ndim not in (s + 1, s + 2):
+            raise ValueError(f"{type(self).__name__}: expected {s + 1}D (unbatched) or {s + 2}D "
+                             f"(batched) input, got {x.ndim}D input of shape {tuple(x.shape)}")
+        unbatched = x.ndim == s + 1
+        xb = x[None] if unbatched else x
+        if xb.shape[1] != self.num_features:
+            raise ValueError(f"{type(self).__name__}: expected {self.num_features} channels at dim "
+                             f"{0 if unbatched else 1}, got input of shape {tuple(x.shape)}")
+        w, b = self._params()
+        use_input_stats = self.training or not self.track_running_stats
+        momentum = _check_instance_momentum(self.momentum) if self.track_running_stats else 0.0
+        # running statistics, when tracked, are updated in training and used in eval
+        y, cache = F.instance_norm_with_cache(xb, self.running_mean, self.running_var, w, b,
+                                              use_input_stats, momentum, self.eps)
+        object.__setattr__(self, "_cache", (cache, unbatched))
+        return y[0] if unbatched else y
+
+    def _backward(self, dy, cache):
+        cache, unbatched = cache
+        if unbatched:
+            F.check_floating(dy, "dy")
+            dx, dw, db = F.instance_norm_backward(dy[None], cache)
+            return dx[0], dw, db
+        return F.instance_norm_backward(dy, cache)
+
+
+class InstanceNorm1d(_InstanceNorm):
+    """Instance norm over ``(N, C, L)`` input (or ``(C, L)``, one sample)."""
+    _spatial_dims = 1
+
+
+class InstanceNorm2d(_InstanceNorm):
+    """Instance norm over ``(N, C, H, W)`` input (or ``(C, H, W)``, one sample)."""
+    _spatial_dims = 2
+
+
+class InstanceNorm3d(_InstanceNorm):
+    """Instance norm over ``(N, C, D, H, W)`` input (or ``(C, D, H, W)``, one sample)."""
+    _spatial_dims = 3
+
+
+__all__ += ["LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]

@@ -51,7 +51,7 @@ def pyplot():
 
 def to_jsonable(obj):
     """Arrays and NumPy scalars to plain lists and floats (recursively)."""
-    from .backend import asnumpy
+    from ..backend import asnumpy
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

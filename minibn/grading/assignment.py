@@ -1,0 +1,171 @@
+"""``python -m minibn assignment OUT_DIR``: the student copy of minibn.
+
+The copy holds ``minibn/`` (every solution region replaced by a
+``NotImplementedError`` that states the article's formula), ``lessons/`` and a
+``README.md`` for students.  Everything outside the regions is copied
+unchanged, so the copy imports and its lessons run up to the first missing
+piece.  The grader itself (``minibn/grading``, which holds a reference
+solution) is replaced by a small module that says it is kept by the staff.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from typing import Dict, List
+
+from .regions import scan_tree, stub_source
+from .tasks import TASKS, hint_for
+
+__all__ = ["write_assignment", "student_readme"]
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO = os.path.dirname(_PACKAGE)
+
+_GRADING_PLACEHOLDER = '''"""The course grader is kept by the course staff and is not part of this copy.
+
+Check your work with the lessons (``python lessons/NN_topic.py``) and with
+finite differences (``minibn.gradcheck.check_layer``); see README.md.
+"""
+
+
+def _staff_only(*args, **kwargs):
+    raise SystemExit("minibn: the grader is not part of the student copy; hand your minibn/ in to be graded")
+
+
+write_assignment = main = _staff_only
+'''
+
+
+def _ignore(directory, names):
+    return [n for n in names if n == "__pycache__" or n.endswith((".pyc", ".pyo"))]
+
+
+def student_readme(regions_by_file: Dict[str, list]) -> str:
+    by_task: Dict[str, List[str]] = {}
+    for rel, regions in regions_by_file.items():
+        for r in regions:
+            where = f"`{rel}` line {r.start + 1} (`{r.region_id}`)"
+            if "." in r.region_id:
+                where += f": {hint_for(r.region_id)}"
+            by_task.setdefault(r.task, []).append(where)
+    lines = [
+        "# minibn: the batch-normalization assignment",
+        "",
+        "This is minibn, a small batch-normalization framework written to accompany the article",
+        "*Batch Normalization in Neural Networks: A Comprehensive Guide*, with the interesting parts",
+        "taken out. Each missing piece is a **solution region** between two comment lines:",
+        "",
+        "```python",
+        "        # >>> solution: bn_forward.normalize",
+        "        raise NotImplementedError(\"bn_forward.normalize: ...the formula to implement...\")",
+        "        # <<< solution: bn_forward.normalize",
+        "```",
+        "",
+        "Replace the `raise` line with your code. Keep both marker lines (the grader uses them) and",
+        "change nothing outside the regions: everything else already works and relies on the",
+        "signatures and return values described in the docstrings.",
+        "",
+        "## The tasks",
+        "",
+    ]
+    for t in TASKS:
+        if t.id not in by_task:
+            continue
+        lines.append(f"### `{t.id}`: {t.title} ({t.points} points)")
+        lines.append("")
+        lines.append(t.hint)
+        lines.append("")
+        lines.extend(f"- {where}" for where in by_task[t.id])
+        lines.append("")
+    lines += [
+        "## Checking your work",
+        "",
+        "- The lessons (`python lessons/NN_topic.py`, one per article section) print the article's",
+        "  worked examples step by step; compare them with the article.",
+        "- `minibn.gradcheck.check_layer(layer, x)` compares your backward with finite differences",
+        "  (use float64 input); relative errors around 1e-8 or smaller mean the gradient is right.",
+        "- Conventions (they are graded): the variance used to normalize is biased (divide by m); the",
+        "  running variance is updated with the unbiased one (m / (m - 1)); `momentum` is the weight",
+        "  of the *new* batch, as in the article and PyTorch; float32 in gives float32 out.",
+        "- A slip in the article: its third running-mean step (section 3) reads 6.765, but its own",
+        "  formula gives (1 - 0.9) * 5.85 + 0.9 * 7.0 = 0.585 + 6.3 = 6.885, which is what is graded.",
+        "",
+        "## Grading",
+        "",
+        "Each task is graded on its own, with the other tasks replaced by a reference solution, by a",
+        "suite of cases: the article's numbers, an independent float64 implementation, finite",
+        "differences, several shapes (2-D to 5-D), eps, affine on and off, dtypes, eval mode, running",
+        "statistics over several steps, and SyncBatchNorm under `mpiexec -n 2` with uneven batches.",
+        "Every case has a time limit. The score of a task is its points times the fraction of its",
+        "cases that pass.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_assignment(out_dir: str, source_package: str = _PACKAGE, check_import: bool = True) -> str:
+    """Write the student copy into ``out_dir`` (which must not exist or be empty); returns its path."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise SystemExit(f"minibn assignment: {out_dir} exists and is not empty; give a new directory")
+    os.makedirs(out_dir, exist_ok=True)
+    target = os.path.join(out_dir, "minibn")
+    shutil.copytree(source_package, target, ignore=_ignore)
+    shutil.rmtree(os.path.join(target, "grading"), ignore_errors=True)
+    os.makedirs(os.path.join(target, "grading"))
+    with open(os.path.join(target, "grading", "__init__.py"), "w") as f:
+        f.write(_GRADING_PLACEHOLDER)
+    for rel in scan_tree(target):
+        path = os.path.join(out_dir, rel)
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            f.write(stub_source(text, hint_for, rel))
+    _force_reference_path(target)
+    lessons = os.path.join(os.path.dirname(source_package), "lessons")
+    if os.path.isdir(lessons):
+        shutil.copytree(lessons, os.path.join(out_dir, "lessons"), ignore=_ignore)
+    with open(os.path.join(out_dir, "README.md"), "w") as f:
+        f.write(student_readme(scan_tree(target)))        # line numbers of the stubbed files
+    if check_import:
+        _check_imports(out_dir)
+    return out_dir
+
+
+_REFERENCE_SWITCH = """
+
+# Student copy: the layers run the readable ``functional`` code (yours), never the fast kernels.
+from . import kernels as _kernels  # noqa: E402
+_kernels.use_fast_kernels(False)
+"""
+
+
+def _force_reference_path(target: str):
+    """Make the copy's layers use the code the student writes, if a fast path exists.
+
+    ``kernels.py`` (when present) is a faster arrangement of the same math that
+    layers may call instead of ``functional``; in the student copy it is
+    switched off once, at import, with its own public switch.
+    """
+    kernels = os.path.join(target, "kernels.py")
+    if not os.path.isfile(kernels):
+        return
+    with open(kernels, encoding="utf-8") as f:
+        if "def use_fast_kernels(" not in f.read():
+            return
+    with open(os.path.join(target, "__init__.py"), "a", encoding="utf-8") as f:
+        f.write(_REFERENCE_SWITCH)
+
+
+def _check_imports(out_dir: str):
+    """The copy must import (non-solution code must not call a stub at import time)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(PYTHONPATH=out_dir, PYTHONDONTWRITEBYTECODE="1")
+    code = ("import os, sys, minibn, minibn.functional, minibn.moments, minibn.nn\n"
+            "assert os.path.realpath(minibn.__file__).startswith(os.path.realpath(sys.argv[1]))\n")
+    proc = subprocess.run([sys.executable, "-c", code, out_dir], cwd=out_dir, env=env,
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"minibn assignment: the student copy in {out_dir} does not import:\n{proc.stderr}")

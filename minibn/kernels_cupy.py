@@ -1,0 +1,228 @@
+"""Fused batch-norm kernels for CuPy arrays (NVIDIA GPUs).
+
+The same math as ``kernels.py`` (and as the readable ``functional.py``), with
+each phase one GPU kernel, so the data crosses device memory the minimum
+number of times::
+
+    training forward   one reduction   -> sum(d), sum(d^2) per channel,  d = x - shift
+                       one element-wise -> y = (x - shift') * a + b
+    backward           one reduction   -> sum(dy), sum(dy * (x - mean)) per channel
+                       one element-wise -> dx = k * (dy - c0 - c3 * (x - mean'))
+
+(``shift'``/``mean'`` are the per-channel values rounded to the input dtype.)
+The reductions carry *two* float64 sums through one pass: their reduce type
+is a small struct, defined in the kernel preamble.  Deviations and their
+products are formed in float64 inside the reduction, so the statistics are
+float64-accurate for float32 data; the element-wise kernels compute in the
+input's dtype, like the CPU path.
+
+The shift of the statistics pass is the mean of the first samples (see
+``kernels._NumpyKernels.moments``).  On the GPU the sums are float64 all the
+way, so a shift that is off by even thousands of standard deviations costs
+only a few of float64's sixteen digits; unlike the CPU path no second pass is
+needed, and nothing waits for the host.
+
+The per-channel constants come from ``kernels.forward_coefficients`` and
+``kernels.backward_coefficients``, the same functions the NumPy kernels use,
+so the only GPU-specific code here is the four kernels.  The generic path
+(``functional.py`` on CuPy arrays) stays available as the reference.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+try:                                            # optional: minibn works without CuPy
+    import cupy
+except ImportError:                             # pragma: no cover - depends on the machine
+    cupy = None
+
+__all__ = ["available", "handles", "moments", "forward_train", "normalize", "backward",
+           "copy_bandwidth"]
+
+_FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+SHIFT_SAMPLE = 64             # values per channel averaged for the shift
+
+
+def available() -> bool:
+    """True when CuPy imports and sees a GPU."""
+    if cupy is None:
+        return False
+    try:
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:                           # pragma: no cover - depends on the machine
+        return False
+
+
+def handles(x) -> bool:
+    return cupy is not None and x.dtype in _FAST_DTYPES
+
+
+# --------------------------------------------------------------------------- the kernels
+
+_PREAMBLE = r"""
+// Two float64 running sums carried through one reduction.
+struct minibn_pair {
+    double s, q;
+    __device__ minibn_pair() : s(0.0), q(0.0) {}
+    __device__ minibn_pair(double s_, double q_) : s(s_), q(q_) {}
+};
+__device__ minibn_pair minibn_pair_add(const minibn_pair& a, const minibn_pair& b) {
+    return minibn_pair(a.s + b.s, a.q + b.q);
+}
+__device__ minibn_pair minibn_moments(double d) { return minibn_pair(d, d * d); }
+"""
+
+_kernels = {}
+
+
+def _get(name):
+    """Build the kernels on first use (CuPy compiles each one on its first call)."""
+    if not _kernels:
+        _kernels["moments"] = cupy.ReductionKernel(
+            "T x, float64 shift",
+            "float64 sum_d, float64 sum_d2",
+            "minibn_moments((double)x - shift)",        # d = x - shift, in float64
+            "minibn_pair_add(a, b)",
+            "sum_d = a.s, sum_d2 = a.q",
+            "minibn_pair()",
+            "minibn_shifted_moments",
+            reduce_type="minibn_pair",
+            preamble=_PREAMBLE)
+        _kernels["grad_sums"] = cupy.ReductionKernel(
+            "T dy, T x, float64 mean",
+            "float64 sum_dy, float64 sum_dy_d",
+            "minibn_pair((double)dy, (double)dy * ((double)x - mean))",
+            "minibn_pair_add(a, b)",
+            "sum_dy = a.s, sum_dy_d = a.q",
+            "minibn_pair()",
+            "minibn_grad_sums",
+            reduce_type="minibn_pair",
+            preamble=_PREAMBLE)
+        _kernels["affine"] = cupy.ElementwiseKernel(
+            "T x, T shift, T a, T b",
+            "T y",
+            "y = (x - shift) * a + b",
+            "minibn_affine")
+        _kernels["grad"] = cupy.ElementwiseKernel(
+            "T dy, T x, T mean, T k, T c0, T c3",
+            "T dx",
+            "dx = k * (dy - c0 - c3 * (x - mean))",
+            "minibn_grad")
+    return _kernels[name]
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _geometry(x):
+    N, C = x.shape[0], x.shape[1]
+    S = 1
+    for s in x.shape[2:]:
+        S *= s
+    return N, C, S
+
+
+def _view(x):
+    """``(N, C, S)`` view of a C-contiguous array."""
+    return x.reshape(_geometry(x))
+
+
+def _column(v, dtype):
+    """Per-channel vector as a ``(1, C, 1)`` array that broadcasts against ``(N, C, S)``."""
+    return v.astype(dtype).reshape(1, -1, 1)
+
+
+# --------------------------------------------------------------------------- the kernel API
+# The same functions as kernels._NumpyKernels; kernels.py dispatches CuPy arrays here.
+
+def moments(x, out=None):
+    """``(count, mean, var, shift)`` per channel, float64, in one pass over ``x``."""
+    N, C, S = _geometry(x)
+    m = N * S
+    if m == 0 or x.size == 0:
+        z = cupy.zeros(C)
+        return m, z, z.copy(), z.copy()
+    x3 = _view(x)
+    k = min(N, max(1, -(-SHIFT_SAMPLE // S)))
+    shift = x3[:k].mean(axis=(0, 2), dtype=np.float64)
+    sum_d, sum_d2 = _get("moments")(x3, shift.reshape(1, C, 1), axis=(0, 2))
+    dmean = sum_d / m
+    var = cupy.maximum(sum_d2 / m - dmean * dmean, 0.0)
+    return m, shift + dmean, var, shift
+
+
+def _affine(x, mean, a, b):
+    """``y = (x - mean') * a + b`` with ``mean'`` the mean rounded to the dtype; ``b`` is
+    corrected for the rounding."""
+    dt = x.dtype
+    shift = mean.astype(dt)
+    b = b - (mean - shift.astype(np.float64)) * a
+    y = cupy.empty_like(x)
+    _get("affine")(_view(x), _column(shift, dt), _column(a, dt), _column(b, dt), _view(y))
+    return y
+
+
+def forward_train(x, weight, bias, eps):
+    """Training forward with this batch's statistics: ``(y, cache)``."""
+    from .kernels import KernelCache, forward_coefficients
+    count, mean, var, _ = moments(x)
+    inv_std, a, b = forward_coefficients(cupy, mean, var, mean, weight, bias, eps)
+    y = _affine(x, mean, a, b)
+    return y, KernelCache(x, mean, var, inv_std, weight, eps, count)
+
+
+def normalize(x, mean, var, weight, bias, eps):
+    """``y`` with given statistics: ``(y, inv_std)``."""
+    from .kernels import forward_coefficients
+    inv_std, a, b = forward_coefficients(cupy, mean, var, mean, weight, bias, eps)
+    return _affine(x, mean, a, b), inv_std
+
+
+def backward(dy, cache, reduce=None):
+    """``(dx, dweight, dbias)``: one reduction, one element-wise kernel."""
+    from .kernels import backward_coefficients
+    x, weight = cache.x, cache.weight
+    N, C, S = _geometry(x)
+    dt = dy.dtype
+    mean = cache.mean
+    if dy.size:
+        sum_dy, sum_dyd = _get("grad_sums")(_view(dy), _view(x), mean.reshape(1, C, 1), axis=(0, 2))
+    else:
+        sum_dy, sum_dyd = cupy.zeros(C), cupy.zeros(C)
+    sum_dy_xhat = cache.inv_std * sum_dyd
+    dx = cupy.empty_like(dy)
+    if cache.frozen:
+        k = cache.inv_std * weight.astype(np.float64) if weight is not None else cache.inv_std
+        cupy.multiply(_view(dy), _column(k, dt), out=_view(dx))
+    else:
+        g_dy, g_dyxh = sum_dy, sum_dy_xhat
+        if reduce is not None:
+            g_dy, g_dyxh = reduce(sum_dy, sum_dy_xhat)
+            g_dy = cupy.asarray(g_dy, dtype=np.float64)
+            g_dyxh = cupy.asarray(g_dyxh, dtype=np.float64)
+        mean_t = mean.astype(dt)
+        delta = mean - mean_t.astype(np.float64)
+        k, c0, c3 = backward_coefficients(g_dy, g_dyxh, cache.count, cache.inv_std, delta, weight)
+        if dy.size:
+            _get("grad")(_view(dy), _view(x), _column(mean_t, dt), _column(k, dt), _column(c0, dt),
+                         _column(c3, dt), _view(dx))
+    if weight is None:
+        return dx, None, None
+    return dx, sum_dy_xhat.astype(weight.dtype), sum_dy.astype(weight.dtype)
+
+
+# --------------------------------------------------------------------------- for the benchmark
+
+def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 10) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s (read + write counted)."""
+    a = cupy.ones(nbytes // 4, dtype=np.float32)
+    b = cupy.empty_like(a)
+    cupy.copyto(b, a)
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    times = []
+    for _ in range(repeats):
+        start.record()
+        cupy.copyto(b, a)
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3)
+    return 2 * a.nbytes / float(np.median(times))
