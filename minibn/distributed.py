@@ -62,7 +62,7 @@ import numpy as np
 
 from .backend import asnumpy, get_array_module
 from .comm import (HEADER_MARK, INSTALL_HINT, RECORD_WIDTH, Communicator, Ledger, cuda_aware,
-                   host_staging_forced, import_mpi, library_cuda_support, merge_moment_records)
+                   host_staging_forced, library_cuda_support, merge_moment_records)
 from . import functional as F
 from .moments import channel_moments, merge_moments, reduce_axes
 from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, Module, Parameter, _BatchNorm

@@ -80,9 +80,12 @@ TILE_BYTES = 1 << 18          # bytes per array and tile: the arrays of one phas
 ROW_RUN = 256                 # rows layout: float32 dot products over at most this many values
 COL_RUN = 16                  # cols layout: float32 sums down at most this many rows
 ROW_MIN = 32                  # spatial rows shorter than this use the cols layout
-MAP_MIN_N = 4                 # expand per-channel constants to full rows when N >= this
+MAP_MIN_N = 4                 # expand per-channel constants to full rows when N >= this ...
+MAP_MAX_BYTES = 1 << 21       # ... and one sample (C * S values) is at most this big
 PARALLEL_MIN_BYTES = 1 << 17  # below this, one thread (a thread hand-off costs ~10 us)
 SMALL_BYTES = 1 << 16         # inputs up to this size are one tile with broadcasting constants
+REFERENCE_BELOW = 16384       # NumPy inputs with fewer elements take the reference path: for
+                              # them the readable code is as fast (fewer Python steps)
 SHIFT_SAMPLE = 64             # values per channel averaged for the provisional shift
 REDO_RATIO = 1.0              # redo the statistics pass when |mean - shift| > REDO_RATIO * std
 EVAL_SHIFT_RATIO = 4.0        # see _NumpyKernels.normalize
@@ -261,7 +264,7 @@ class _Plan:
                                        (-1,), (n1 - n0, C, S)))
                     k += 1
             else:                 # tiles of channel groups (or of pieces of one long row)
-                self.col_coef = N < MAP_MIN_N
+                self.col_coef = N < MAP_MIN_N or CS * itemsize > MAP_MAX_BYTES
                 if self.col_coef:
                     self.ew_shape = (N, C, S)
                 cb = max(1, tile // S)
@@ -311,9 +314,14 @@ class _Plan:
             elif self.S == 1 and self.reps == 1:
                 out.append(v.astype(dtype))
             else:                  # reps copies of each channel's value repeated S times
-                m = np.empty((self.reps, self.C, self.S), dtype=dtype)
-                m[...] = v.reshape(1, -1, 1)
-                out.append(m.reshape(-1))
+                m = _buffer(f"map{len(out)}", self.reps * self.C * self.S, dtype)
+                m2 = m.reshape(self.reps, self.C * self.S)
+                if self.S > 1:
+                    m2[0].reshape(self.C, self.S)[...] = v.astype(dtype).reshape(-1, 1)
+                else:
+                    m2[0] = v
+                m2[1:] = m2[0]
+                out.append(m)
         return out
 
     def fold(self, parts):
@@ -323,6 +331,25 @@ class _Plan:
 
     def partials(self, n=1):
         return [np.zeros((self.K, self.width)) for _ in range(n)]
+
+
+_local = threading.local()
+
+
+def _buffer(name, n, dtype):
+    """A work buffer of ``n`` elements, kept per thread and reused from call to call.
+
+    Fresh large arrays cost page faults on first touch (a few microseconds per
+    4 KiB page here, more than the arithmetic); maps and scratch tiles are
+    therefore allocated once.  The next request under the same name reuses
+    (and overwrites) the buffer.
+    """
+    bufs = _local.__dict__.setdefault("buffers", {})
+    key = (name, np.dtype(dtype).char)
+    buf = bufs.get(key)
+    if buf is None or buf.size < n:
+        buf = bufs[key] = np.empty(n, dtype=dtype)
+    return buf[:n]
 
 
 @lru_cache(maxsize=64)
@@ -341,7 +368,7 @@ def _run(plan, fn, scratch_dtype=None):
     ``scratch_dtype`` (``None`` when not asked for).
     """
     def group(tiles):
-        scratch = np.empty(plan.max_tile, dtype=scratch_dtype) if scratch_dtype is not None else None
+        scratch = _buffer("scratch", plan.max_tile, scratch_dtype) if scratch_dtype is not None else None
         for t in tiles:
             fn(t, scratch)
 
@@ -679,8 +706,11 @@ def _as_kernel_input(x):
     return x if x.flags.c_contiguous else np.ascontiguousarray(x)
 
 
-def _fast_ok(impl, *arrays):
-    return impl is not None and all(a is None or impl.handles(a) for a in arrays)
+def _fast_ok(impl, x, *arrays):
+    """The fast kernels take ``x`` (and ``arrays``): a known module, dtype and size."""
+    if impl is None or not all(a is None or impl.handles(a) for a in (x,) + arrays):
+        return False
+    return impl is not _NUMPY or x.size >= REFERENCE_BELOW
 
 
 def channel_moments(x):

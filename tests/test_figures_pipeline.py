@@ -151,6 +151,7 @@ ALL = os.environ.get("MINIBN_TEST_ALL_FIGURES", "") not in ("", "0")
 def test_all_figures_are_identical_across_processes_and_article_runs(tmp_path):
     """``article`` (every lesson, then every figure) and ``figures``, run side by side."""
     a, b = tmp_path / "article", tmp_path / "figures"
+    lessons = sorted(f for f in os.listdir(os.path.join(REPO, "lessons")) if re.match(r"\d\d_.*\.py$", f))
     procs = [_cli(["article", "--quiet", "--out", str(a)], 1), _cli(["figures", "--quiet", "--out", str(b)], 2)]
     article_out = _wait(procs[0], "article")
     _wait(procs[1], "figures")
@@ -159,6 +160,5 @@ def test_all_figures_are_identical_across_processes_and_article_runs(tmp_path):
         assert sorted(os.listdir(d)) == sorted([n + ".png" for n in names] + [n + ".json" for n in names])
     differ = [f for f in sorted(os.listdir(a)) if not filecmp.cmp(a / f, b / f, shallow=False)]
     assert not differ, f"figures that differ between two processes: {differ}"
-    lessons = sorted(f for f in os.listdir(os.path.join(REPO, "lessons")) if re.match(r"\d\d_.*\.py$", f))
     for lesson in lessons:
         assert lesson in article_out, f"`article` did not run {lesson}"

@@ -21,6 +21,22 @@ of the graded tasks of ``tasks.py`` (which also holds each region's hint: the
 article's formula); ``PART`` names one of several regions of a task.  Adding
 the markers of a task to the source is what makes it part of the assignment.
 
+Decisions a course needs to know:
+
+* A task is graded when the grader's own source has solution regions for it;
+  a task whose code is missing from a student's copy then scores zero.  The
+  SyncBatchNorm task runs under ``mpiexec -n 2`` and is skipped (and left out
+  of the maximum) only where mpi4py or mpiexec is not installed.
+* Each task is graded with every *other* task's functions replaced by the
+  grader's reference (``conformance.install_references``): a mistake costs the
+  marks of its own task only.
+* The optional fast kernels (``kernels.py``) hold a second arrangement of the
+  same math that the layers call by default.  The grader switches them off
+  (``MINIBN_KERNELS=reference`` and ``kernels.use_fast_kernels(False)``), and
+  the student copy switches them off at import, so the layers always run the
+  ``functional`` code the student writes.  The kernels stay in the copy as
+  they are (the layers import them).
+
 Modules: ``tasks`` (the task table), ``regions`` (markers, stubs),
 ``assignment`` (the student copy), ``runner`` (the grader's command line and
 process handling), ``child`` (the grading subprocess), ``conformance`` (the

@@ -50,7 +50,8 @@ TASKS: Tuple[Task, ...] = (
          "dx_hat = gamma * dy; dxc = dx_hat * istd; distd = sum(dx_hat * xc); dstd = -distd / std^2; "
          "dvar = dstd / (2 std); dxc += dvar * 2 xc / m; dmu = -sum(dxc); dx = dxc + dmu / m (float64)"),
     Task("running_stats", "running statistics (EMA)", 10,
-         "article 3.2, in place (a = float(momentum) is checked above): running_mean <- (1 - a) * running_mean + a * mean, "
+         "article 3.2, in place (a = float(momentum) is checked above): "
+         "running_mean <- (1 - a) * running_mean + a * mean, "
          "running_var <- (1 - a) * running_var + a * var * m / (m - 1) (unbiased), "
          "a = momentum = weight of the NEW batch (PyTorch's convention); keep the buffers' dtype"),
     Task("merge_moments", "merging per-part moments", 10,

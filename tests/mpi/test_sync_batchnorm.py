@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from syncbn_helpers import (MPI, agree, batch_sizes, check_close, identical_on_all_ranks, my_slice,
+from syncbn_helpers import (agree, batch_sizes, check_close, identical_on_all_ranks, my_slice,
                             rank_size, sum_over_ranks, world)
 
 import minibn as mb

@@ -1,0 +1,488 @@
+"""The fast NumPy kernels (minibn/kernels.py) held to independent references.
+
+References: float64 two-pass formulas written in this file's conftest
+(``Reference``), the readable path in ``functional.py``, and PyTorch when it
+is installed.  Every test runs the fast kernels under several tilings: the
+default one, and tiny tiles with several threads so that inputs of a few
+hundred values are cut into many tiles (odd sizes, partial tiles, both
+layouts, maps and broadcasting constants).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import minibn as mb
+import minibn.functional as F
+from minibn import bench, kernels as K
+from minibn import kernels_cupy
+
+EPS = 1e-5
+
+# (TILE_BYTES, threads, SMALL_BYTES, MAP_MIN_N, COL_RUN)
+TILINGS = {
+    "default": None,
+    "tiny-tiles-3-threads": (1024, 3, 0, 1, 8),
+    "tiny-tiles-2-threads-broadcast": (2048, 2, 0, 10 ** 9, 16),
+    "one-tile": (1 << 30, 1, 1 << 40, 4, 8),
+}
+
+
+@pytest.fixture(params=list(TILINGS), autouse=True)
+def tiling(request, monkeypatch):
+    """Every test in this file runs once per tiling, always on the fast path."""
+    monkeypatch.setattr(K, "REFERENCE_BELOW", 0)
+    monkeypatch.setattr(K, "PARALLEL_MIN_BYTES", 0)
+    cfg = TILINGS[request.param]
+    if cfg is not None:
+        tile, threads, small, map_min_n, col_run = cfg
+        monkeypatch.setattr(K, "TILE_BYTES", tile)
+        monkeypatch.setattr(K, "SMALL_BYTES", small)
+        monkeypatch.setattr(K, "MAP_MIN_N", map_min_n)
+        monkeypatch.setattr(K, "COL_RUN", col_run)
+        monkeypatch.setattr(K, "_threads", threads)
+    K._plan_for.cache_clear()
+    K.use_fast_kernels(True)
+    yield request.param
+    K._plan_for.cache_clear()
+
+
+SHAPES = [
+    (2, 3), (7, 5), (300, 17), (1000, 3),            # (N, C)
+    (5, 3, 7), (2, 5, 33), (3, 4, 300),              # (N, C, L): short rows, rows, long rows
+    (2, 3, 5, 7), (4, 6, 16, 16), (3, 2, 33, 35),    # (N, C, H, W), odd sizes
+    (2, 3, 4, 5, 6), (2, 2, 3, 7, 11),               # (N, C, D, H, W)
+    (2, 2, 1021), (3, 2, 600),                       # rows longer than one dot-product run
+]
+
+
+def _data(shape, dtype, loc=0.0, scale=1.0, seed=0):
+    rng = np.random.default_rng(seed)
+    C = shape[1]
+    x = (loc + scale * rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w = (1.0 + 0.5 * rng.standard_normal(C)).astype(dtype)
+    b = rng.standard_normal(C).astype(dtype)
+    return x, dy, w, b
+
+
+def _tol(dtype):
+    return 2e-6 if np.dtype(dtype) == np.float32 else 1e-13
+
+
+def _max_err(a, b):
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) if np.size(b) else 0.0
+
+
+def _check_training(ref, shape, dtype, loc=0.0, scale=1.0, seed=0, affine=True):
+    """Fast forward/backward against the float64 formulas and the readable path."""
+    x, dy, w, b = _data(shape, dtype, loc, scale, seed)
+    if not affine:
+        w = b = None
+    y, cache = K.batch_norm_forward(x, w, b, EPS)
+    assert isinstance(cache, K.KernelCache)
+    dx, dw, db = K.batch_norm_backward(dy, cache)
+    assert y.dtype == x.dtype and dx.dtype == x.dtype and y.shape == x.shape == dx.shape
+
+    m, mu, var = ref.stats(x)
+    y_ref, x_hat = ref.forward(x, w, b, EPS)
+    dx_ref, dw_ref, db_ref = ref.backward(dy, x, w, EPS)
+    tol = _tol(dtype)
+    assert cache.count == m
+    assert _max_err(cache.mean, mu) <= tol * (np.max(np.abs(mu)) + np.sqrt(np.max(var)) + 1e-30)
+    assert _max_err(cache.var, var) <= tol * np.max(var) + 1e-300
+    # The fast kernels subtract the mean rounded to the dtype and correct for the rounding,
+    # so their error does not grow with |mean| / std: plain relative tolerances.
+    g = np.abs(w).max() if affine else 1.0
+    scale_y = g * np.abs(x_hat).max() + (np.abs(b).max() if affine else 0.0)
+    assert _max_err(y, y_ref) <= tol * scale_y
+    istd = 1 / np.sqrt(var + EPS)
+    scale_dx = np.abs(dy).max() * g * istd.max()
+    assert _max_err(dx, dx_ref) <= 4 * tol * scale_dx
+    if affine:
+        scale_g = np.sqrt(np.sum(dy.astype(np.float64) ** 2) * np.sum(x_hat ** 2) / x.shape[1])
+        assert dw.dtype == w.dtype and db.dtype == w.dtype
+        assert _max_err(dw, dw_ref) <= 4 * tol * scale_g
+        assert _max_err(db, db_ref) <= tol * np.abs(dy.astype(np.float64)).sum(axis=ref.axes(x.ndim)).max()
+    else:
+        assert dw is None and db is None
+
+    # The readable path agrees, up to its own rounding: it subtracts the rounded mean
+    # without correction, which costs |mean| / std units of x_hat's last place.
+    quant = np.finfo(dtype).eps * np.max((np.abs(mu) + np.sqrt(var)) / np.sqrt(var + EPS))
+    y_f, cache_f = F.batch_norm_forward(x, w, b, EPS)
+    dx_f, _, _ = F.batch_norm_backward(dy, cache_f)
+    assert _max_err(y, y_f) <= 2 * tol * scale_y + 2 * g * quant
+    assert _max_err(dx, dx_f) <= 8 * tol * scale_dx + 4 * scale_dx * quant
+
+
+# --------------------------------------------------------------------------- training mode
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_training_matches_references(ref, shape, dtype):
+    _check_training(ref, shape, dtype, loc=0.5, scale=2.0)
+
+
+@pytest.mark.parametrize("shape", [(300, 17), (3, 4, 300), (4, 6, 16, 16), (2, 2, 1021)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_without_affine(ref, shape):
+    _check_training(ref, shape, np.float32, affine=False)
+
+
+@pytest.mark.parametrize("shape", [(4096, 8), (64, 4, 256), (8, 8, 32, 32), (2, 3, 1021), (600, 7, 5)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_variance_with_large_mean_is_as_accurate_as_the_reference(ref, shape):
+    """float32 data with mean 1e4 and std 1: the fast variance is float32-accurate,
+
+    i.e. within a few units of float32's last place of the exact variance of the
+    float32 data, like the readable shifted two-pass method."""
+    x, dy, w, b = _data(shape, np.float32, loc=1e4, scale=1.0, seed=3)
+    _, mu, var = ref.stats(x)
+    count, mean, v = K.channel_moments(x)
+    _, mean_f, v_f = mb.moments.channel_moments(x, mb.moments.reduce_axes(x.ndim))
+    rel = np.max(np.abs(v - var) / var)
+    rel_f = np.max(np.abs(v_f - var) / var)
+    assert rel < 2.5e-7, (rel, rel_f)                       # ~2 units of float32's last place
+    assert np.max(np.abs(mean - mu)) <= 1e-7 * 1e4
+    # and the textbook E[x^2] - E[x]^2 in float32 would have been useless here
+    x64 = x.astype(np.float32)
+    naive = (x64 * x64).mean(axis=ref.axes(x.ndim)) - x64.mean(axis=ref.axes(x.ndim)) ** 2
+    assert np.max(np.abs(naive - var) / var) > 1e-2
+    _check_training(ref, shape, np.float32, loc=1e4, scale=1.0, seed=3)
+
+
+@pytest.mark.parametrize("shape", [(512, 3), (16, 2, 64), (32, 3, 8, 8)], ids=lambda s: "x".join(map(str, s)))
+def test_drifting_batch_needs_the_second_statistics_pass(ref, shape):
+    """The first samples are far from the batch mean: the provisional shift is off by
+    many standard deviations and the kernels redo the statistics pass."""
+    x, dy, w, b = _data(shape, np.float32, seed=5)
+    x = x + (300.0 * np.arange(shape[0]) / shape[0]).astype(np.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+    _, mu, var = ref.stats(x)
+    _, mean, v = K.channel_moments(x)
+    assert np.max(np.abs(v - var) / var) < 2.5e-7
+    assert np.max(np.abs(mean - mu)) < 1e-6 * np.max(np.abs(mu))
+
+
+def test_constant_channel_has_zero_variance(ref):
+    x, dy, w, b = _data((64, 3, 40), np.float32, seed=2)
+    x[:, 1] = 1234.5
+    y, cache = K.batch_norm_forward(x, w, b, EPS)
+    assert cache.var[1] == 0.0 and cache.mean[1] == 1234.5
+    np.testing.assert_array_equal(y[:, 1], b[1])
+    dx, dw, db = K.batch_norm_backward(dy, cache)
+    assert np.all(np.isfinite(dx))
+    _check_training(ref, (64, 3, 40), np.float32, seed=2)
+
+
+def test_nan_stays_in_its_channel():
+    x, dy, w, b = _data((40, 3, 50), np.float32, seed=4)
+    x[7, 2, 9] = np.nan
+    y, cache = K.batch_norm_forward(x, w, b, EPS)
+    assert np.isnan(cache.var[2]) and np.all(np.isnan(y[:, 2]))
+    assert np.all(np.isfinite(y[:, :2]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_n_equal_two(ref, dtype):
+    """Two values per channel: x_hat is +-1 (up to eps) and dx is nearly zero."""
+    _check_training(ref, (2, 5), dtype)
+    _check_training(ref, (2, 4, 9, 9), dtype)
+
+
+def test_one_value_per_channel_is_an_error():
+    x = np.ones((1, 3, 1, 1), np.float32)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        K.batch_norm_forward(x)
+
+
+def test_bad_input_errors_match_the_reference():
+    x, dy, w, b = _data((8, 3, 5), np.float32)
+    with pytest.raises(TypeError):
+        K.batch_norm_forward(np.ones((4, 3), np.int64))
+    with pytest.raises(ValueError, match="shape"):
+        K.batch_norm_forward(np.ones(5, np.float32))
+    with pytest.raises(ValueError, match=r"\(3,\)"):
+        K.batch_norm_forward(x, np.ones(4, np.float32), b)
+    _, cache = K.batch_norm_forward(x, w, b)
+    with pytest.raises(ValueError, match="shape"):
+        K.batch_norm_backward(dy[:4], cache)
+    with pytest.raises(TypeError):
+        K.batch_norm_backward(dy.astype(np.int32), cache)
+
+
+def test_non_contiguous_input(ref):
+    base, dy, w, b = _data((6, 4, 10, 12), np.float32)
+    x = base.transpose(0, 1, 3, 2)                     # a strided view
+    y, cache = K.batch_norm_forward(x, w, b)
+    dx, dw, db = K.batch_norm_backward(np.ascontiguousarray(dy.transpose(0, 1, 3, 2)), cache)
+    y_ref, _ = ref.forward(x, w, b)
+    assert _max_err(y, y_ref) < 1e-5 * np.abs(y_ref).max()
+
+
+def test_float16_takes_the_reference_path():
+    x, dy, w, b = _data((40, 3, 50), np.float16)
+    y, cache = K.batch_norm_forward(x, w, b)
+    assert not isinstance(cache, K.KernelCache) and y.dtype == np.float16
+    y_f, _ = F.batch_norm_forward(x, w, b)
+    np.testing.assert_array_equal(y, y_f)
+
+
+def test_results_do_not_depend_on_the_thread_count(monkeypatch, tiling):
+    """Tiles and the order of their partial sums are fixed: any thread count gives the same bits."""
+    x, dy, w, b = _data((64, 5, 40), np.float32, loc=3.0, seed=9)
+    out = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(K, "_threads", threads)
+        y, cache = K.batch_norm_forward(x, w, b)
+        dx, dw, db = K.batch_norm_backward(dy, cache)
+        out.append((y, dx, dw, db, cache.mean, cache.var))
+    for other in out[1:]:
+        for a, c in zip(out[0], other):
+            np.testing.assert_array_equal(a, c)
+
+
+def test_empty_batch_with_given_statistics():
+    """A SyncBN rank with no local samples: empty outputs, zero local sums."""
+    x = np.zeros((0, 3, 4, 4), np.float32)
+    w, b = np.ones(3, np.float32), np.zeros(3, np.float32)
+    y, cache = K.batch_norm_forward(x, w, b, stats=(32, np.zeros(3), np.ones(3)))
+    assert y.shape == x.shape
+    dx, dw, db = K.batch_norm_backward(np.zeros_like(x), cache, reduce=lambda s1, s2: (s1 + 1, s2 + 1))
+    assert dx.shape == x.shape
+    np.testing.assert_array_equal(dw, 0)
+    np.testing.assert_array_equal(db, 0)
+    count, mean, var = K.channel_moments(x)
+    assert count == 0 and mean.shape == (3,)
+
+
+# --------------------------------------------------------------------------- given statistics, reduce hook
+
+@pytest.mark.parametrize("loc", [0.0, 1e4])
+@pytest.mark.parametrize("shape", [(300, 17), (4, 6, 16, 16), (3, 4, 300)], ids=lambda s: "x".join(map(str, s)))
+def test_given_statistics_and_reduce_hook_match_the_reference(ref, shape, loc):
+    """SyncBatchNorm's path: global statistics in, local sums out through ``reduce``."""
+    x, dy, w, b = _data(shape, np.float32, loc=loc, seed=11)
+    C = shape[1]
+    rng = np.random.default_rng(12)
+    g_mean = loc + 0.1 * rng.standard_normal(C)        # "global" statistics of a larger batch
+    g_var = 1.0 + 0.2 * rng.random(C)
+    g_count = 4 * (x.size // C)
+    seen = {}
+
+    def reduce(sum_dy, sum_dy_xhat):                    # stands in for an Allreduce over 4 ranks
+        seen["args"] = (sum_dy.copy(), sum_dy_xhat.copy())
+        return 4 * sum_dy + 0.5, 4 * sum_dy_xhat - 0.25
+
+    y, cache = K.batch_norm_forward(x, w, b, EPS, stats=(g_count, g_mean, g_var))
+    dx, dw, db = K.batch_norm_backward(dy, cache, reduce=reduce)
+    fast_args = seen.pop("args")
+    y_f, cache_f = F.batch_norm_forward(x, w, b, EPS, stats=(g_count, g_mean, g_var))
+    dx_f, dw_f, db_f = F.batch_norm_backward(dy, cache_f, reduce=reduce)
+
+    # independent float64 versions of the local sums and of dx with the global numbers
+    bs, ax = ref.bshape(x.ndim), ref.axes(x.ndim)
+    istd = 1 / np.sqrt(g_var + EPS)
+    x_hat = (x.astype(np.float64) - g_mean.reshape(bs)) * istd.reshape(bs)
+    d64 = dy.astype(np.float64)
+    local = (d64.sum(axis=ax), (d64 * x_hat).sum(axis=ax))
+    s_dy, s_dyxh = 4 * local[0] + 0.5, 4 * local[1] - 0.25
+    dx_true = (w.astype(np.float64) * istd).reshape(bs) * (
+        d64 - (s_dy / g_count).reshape(bs) - x_hat * (s_dyxh / g_count).reshape(bs))
+    y_true = w.reshape(bs) * x_hat + b.reshape(bs)
+
+    scale = np.sqrt(np.sum(d64 ** 2) * np.sum(x_hat ** 2) / C)
+    for got, want in zip(fast_args, local):
+        assert _max_err(got, want) <= 1e-5 * scale
+    assert _max_err(dw, local[1]) <= 1e-5 * scale and _max_err(db, local[0]) <= 1e-5 * scale
+    quant = np.finfo(np.float32).eps * (abs(loc) + 4) * istd.max()
+    assert _max_err(y, y_true) <= 4e-6 * np.abs(y_true).max() + 2 * np.abs(w).max() * quant
+    assert _max_err(y_f, y_true) <= 4e-6 * np.abs(y_true).max() + 2 * np.abs(w).max() * quant
+    scale_dx = np.abs(dx_true).max()
+    assert _max_err(dx, dx_true) <= 1e-5 * scale_dx + 4 * quant * np.abs(w).max() * istd.max()
+    assert _max_err(dx, dx_f) <= 2e-5 * scale_dx + 8 * quant * np.abs(w).max() * istd.max()
+
+
+def test_reduce_hook_is_not_called_in_eval_mode():
+    x, dy, w, b = _data((50, 4, 40), np.float32)
+    _, cache = K.batch_norm_eval_forward(x, np.zeros(4, np.float32), np.ones(4, np.float32), w, b)
+
+    def reduce(*_):
+        raise AssertionError("eval mode must not communicate")
+    K.batch_norm_backward(dy, cache, reduce=reduce)
+
+
+# --------------------------------------------------------------------------- eval mode
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("loc", [0.3, 1e4])             # both forms: x * a + b, and subtract first
+@pytest.mark.parametrize("shape", [(300, 17), (5, 3, 7), (4, 6, 16, 16), (2, 2, 3, 7, 11)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_eval_mode_matches_references(ref, shape, loc, dtype):
+    x, dy, w, b = _data(shape, dtype, loc=loc, seed=21)
+    C = shape[1]
+    rng = np.random.default_rng(22)
+    rm = (loc + 0.1 * rng.standard_normal(C)).astype(dtype)
+    rv = (0.5 + rng.random(C)).astype(dtype)
+    y, cache = K.batch_norm_eval_forward(x, rm, rv, w, b, EPS)
+    dx, dw, db = K.batch_norm_backward(dy, cache)
+    y_true, x_hat = ref.forward(x, w, b, EPS, mean=rm, var=rv)
+    bs, ax = ref.bshape(x.ndim), ref.axes(x.ndim)
+    istd = 1 / np.sqrt(rv.astype(np.float64) + EPS)
+    d64 = dy.astype(np.float64)
+    tol = _tol(dtype)
+    quant = np.finfo(dtype).eps * np.max((np.abs(rm) + 4) * istd)
+    assert _max_err(y, y_true) <= tol * np.abs(y_true).max() + 2 * np.abs(w).max() * quant
+    assert _max_err(dx, d64 * (w * istd).reshape(bs)) <= tol * np.abs(dx).max()
+    scale = np.sqrt(np.sum(d64 ** 2) * np.sum(x_hat ** 2) / C)
+    assert _max_err(dw, (d64 * x_hat).sum(axis=ax)) <= 4 * tol * scale + np.abs(d64).sum() * quant
+    assert _max_err(db, d64.sum(axis=ax)) <= tol * np.abs(d64).sum(axis=ax).max()
+    y_f, _ = F.batch_norm_eval_forward(x, rm, rv, w, b, EPS)
+    assert _max_err(y, y_f) <= 2 * tol * np.abs(y_true).max() + 4 * np.abs(w).max() * quant
+
+
+# --------------------------------------------------------------------------- property test
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(n=st.integers(2, 9), c=st.integers(1, 5),
+       spatial=st.lists(st.integers(1, 40), min_size=0, max_size=2),
+       loc=st.sampled_from([0.0, -3.0, 250.0]), log_scale=st.integers(-2, 2),
+       dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2 ** 16))
+def test_property_any_shape(n, c, spatial, loc, log_scale, dtype, seed):
+    from conftest import Reference
+    _check_training(Reference, (n, c) + tuple(spatial), dtype, loc=loc, scale=10.0 ** log_scale, seed=seed)
+
+
+# --------------------------------------------------------------------------- caches, switch, layers
+
+def test_kernel_cache_works_with_the_reference_backward(ref):
+    x, dy, w, b = _data((30, 4, 20), np.float64, seed=7)
+    _, cache = K.batch_norm_forward(x, w, b)
+    dx_k, dw_k, db_k = K.batch_norm_backward(dy, cache)
+    dx_f, dw_f, db_f = F.batch_norm_backward(dy, cache)      # computes cache.x_hat on demand
+    np.testing.assert_allclose(dx_k, dx_f, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dw_k, dw_f, rtol=1e-10)
+    _, x_hat = ref.forward(x)
+    np.testing.assert_allclose(cache.x_hat, x_hat, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_switch_selects_functional():
+    x, dy, w, b = _data((300, 17), np.float32)
+    with K.reference_kernels():
+        assert not K.fast_kernels_enabled()
+        _, cache = K.batch_norm_forward(x, w, b)
+        assert type(cache) is F.BNCache
+    assert K.fast_kernels_enabled()
+    K.use_fast_kernels(False)
+    try:
+        assert type(K.batch_norm_forward(x, w, b)[1]) is F.BNCache
+    finally:
+        K.use_fast_kernels(True)
+    assert isinstance(K.batch_norm_forward(x, w, b)[1], K.KernelCache)
+
+
+def test_environment_variable_selects_the_reference_path():
+    code = ("import numpy as np, minibn.kernels as K;"
+            "x = np.random.default_rng(0).standard_normal((64, 512)).astype(np.float32);"
+            "print(K.fast_kernels_enabled(), type(K.batch_norm_forward(x)[1]).__name__)")
+    for value, expected in (("reference", "False BNCache"), ("fast", "True KernelCache")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**__import__("os").environ, "MINIBN_KERNELS": value}).stdout
+        assert out.strip() == expected
+
+
+@pytest.mark.parametrize("cls, shape", [(mb.BatchNorm1d, (300, 17)), (mb.BatchNorm1d, (8, 6, 50)),
+                                        (mb.BatchNorm2d, (4, 6, 16, 16)), (mb.BatchNorm3d, (2, 3, 4, 5, 6))])
+def test_layer_fast_and_reference_paths_agree(cls, shape):
+    """Two layers, same data, one on each path: outputs, gradients, running statistics."""
+    x, dy, w, b = _data(shape, np.float32, loc=2.0, seed=13)
+    layers = [cls(shape[1]), cls(shape[1])]
+    results = []
+    for layer, fast in zip(layers, (True, False)):
+        layer.weight.data[...] = w
+        layer.bias.data[...] = b
+        K.use_fast_kernels(fast)
+        try:
+            out = [layer(x), layer.backward(dy), layer(x + 1), layer.backward(dy)]
+            layer.eval()
+            out += [layer(x), layer.backward(dy)]
+        finally:
+            K.use_fast_kernels(True)
+        results.append(out + [layer.weight.grad, layer.bias.grad, layer.running_mean, layer.running_var,
+                              layer.num_batches_tracked])
+    for a, c in zip(*results):
+        scale = max(float(np.max(np.abs(c))), 1.0)
+        assert _max_err(a, c) <= 3e-5 * scale
+
+
+def test_cupy_module_imports_without_a_gpu():
+    assert isinstance(kernels_cupy.available(), bool)
+    x = np.zeros((4, 3), np.float32)
+    assert K._implementation(x) is K._NUMPY
+
+
+def test_threads_setting_is_validated():
+    with pytest.raises(ValueError):
+        K.set_num_threads(0)
+
+
+# --------------------------------------------------------------------------- torch (optional)
+
+@pytest.mark.parametrize("shape", [(300, 17), (4, 6, 16, 16)], ids=lambda s: "x".join(map(str, s)))
+def test_agrees_with_pytorch(shape):
+    torch = pytest.importorskip("torch")
+    x, dy, w, b = _data(shape, np.float32, loc=1.5, seed=17)
+    y, cache = K.batch_norm_forward(x, w, b, EPS)
+    dx, dw, db = K.batch_norm_backward(dy, cache)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    wt, bt = torch.from_numpy(w).requires_grad_(True), torch.from_numpy(b).requires_grad_(True)
+    yt = torch.nn.functional.batch_norm(xt, None, None, wt, bt, training=True, eps=EPS)
+    yt.backward(torch.from_numpy(dy))
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-4, atol=1e-4 * np.abs(dx).max())
+    np.testing.assert_allclose(dw, wt.grad.numpy(), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(db, bt.grad.numpy(), rtol=1e-4, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- the benchmark's pieces
+
+def test_textbook_implementation_in_the_benchmark_is_right(ref, tiling):
+    if tiling != "default":
+        pytest.skip("independent of the tiling")
+    x, dy, w, b = _data((20, 3, 6, 6), np.float64, loc=1.0, seed=23)
+    y, cache = bench.textbook_forward(x, w, b)
+    dx, dw, db = bench.textbook_backward(dy, cache, w)
+    y_ref, _ = ref.forward(x, w, b)
+    dx_ref, dw_ref, db_ref = ref.backward(dy, x, w)
+    for got, want in ((y, y_ref), (dx, dx_ref), (dw, dw_ref), (db, db_ref)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_bench_quick_run_prints_tables(capsys, tiling):
+    if tiling != "default":
+        pytest.skip("independent of the tiling")
+    rc = bench.main(["--shapes", "64x8,4x3x9x9", "--dtypes", "float32", "--repeats", "2", "--warmup", "1",
+                     "--no-syncbn", "--no-gpu", "--no-torch"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "| BN1d (64, 8) | minibn |" in out and "| BN2d (4, 3, 9, 9) | reference |" in out
+    assert "| BN1d (64, 8) | textbook |" in out and "GPU" not in out
+
+
+@pytest.mark.slow
+def test_bench_syncbn_rows_under_mpiexec(tiling):
+    if tiling != "default":
+        pytest.skip("independent of the tiling")
+    pytest.importorskip("mpi4py")
+    rows, why = bench.bench_syncbn((8, 4, 5, 5), np.float32, (1, 2), repeats=2, warmup=1, log=lambda *a, **k: None)
+    if why is not None:
+        pytest.skip(why)
+    assert [r["ranks"] for r in rows] == [1, 2]
+    assert [r["local_batch"] for r in rows] == [8, 4]
+    # one forward and one backward collective per step, the same O(C) payload for any P
+    assert all(r["calls"] == 2 for r in rows)
+    assert rows[0]["bytes_per_rank"] == rows[1]["bytes_per_rank"] > 0
