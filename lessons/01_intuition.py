@@ -152,7 +152,7 @@ print(f"What this shows: with the default init the plain network {learns} (loss 
 # without normalization each layer multiplies the activations' scale by about gain/sqrt(2), so
 # over 8 layers a gain of 1 shrinks them by 2^4 = 16 and a gain of 2 grows them by 16.  BN
 # divides the scale out at every layer (the last Linear still sees it).  Training loss after 10
-# epochs; `nan` = the loss overflowed (diverged).
+# epochs; `nan` = the run blew up (a batch loss above 1e6, or overflowing: diverged).
 
 # %%
 sweep = s1.init_lr_sweep_data()

@@ -158,9 +158,14 @@ def mlp(in_dim: int, width: int, depth: int, out_dim: int, norm: Optional[str] =
 
 # --------------------------------------------------------------------------- training
 
+# A run has diverged when a batch loss overflows or exceeds this: the weights have blown up
+# (chance level is ln(classes), about 1.4).  Past this point float64 overflow decides what
+# happens next, and two correct implementations stop agreeing.
+BLOWUP_LOSS = 1e6
+
 @dataclass
 class History:
-    """Per-epoch numbers of one run; ``diverged`` is set when the loss stops being finite."""
+    """Per-epoch numbers of one run; ``diverged`` is set when the loss blows up (see :func:`train`)."""
     train_loss: List[float] = field(default_factory=list)   # mean training-batch loss of each epoch
     train_acc: List[float] = field(default_factory=list)    # eval mode, whole training set
     test_acc: List[float] = field(default_factory=list)     # eval mode, whole test set
@@ -183,9 +188,11 @@ def train(model, data: Dataset, epochs: int, batch_size: int, lr: float, momentu
 
     Each epoch visits the training set in a seeded random order; a last batch
     smaller than ``batch_size`` is dropped, so every step sees exactly
-    ``batch_size`` samples.  ``snapshot(model)``, if given, is called before the
-    first epoch (key 0) and after each epoch in ``snapshot_epochs``.  With
-    ``evaluate_each_epoch=False`` the accuracies are measured once, at the end.
+    ``batch_size`` samples.  Training stops, with ``diverged`` set, when a
+    batch loss is not finite or exceeds :data:`BLOWUP_LOSS`.
+    ``snapshot(model)``, if given, is called before the first epoch (key 0) and
+    after each epoch in ``snapshot_epochs``.  With ``evaluate_each_epoch=False``
+    the accuracies are measured once, at the end.
     """
     with single_thread_blas():
         return _train(model, data, epochs, batch_size, lr, momentum, seed, snapshot,
@@ -213,7 +220,7 @@ def _train(model, data, epochs, batch_size, lr, momentum, seed, snapshot, snapsh
                 idx = order[s * batch_size:(s + 1) * batch_size]
                 opt.zero_grad()
                 loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
-                if not np.isfinite(loss):
+                if not np.isfinite(loss) or loss > BLOWUP_LOSS:
                     hist.diverged = True
                     break
                 model.backward(loss_fn.backward())

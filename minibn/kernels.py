@@ -1,61 +1,70 @@
 """Fast batch-norm kernels: the math of ``functional.py``, arranged for memory traffic.
 
 Batch norm does a handful of flops per element, so its speed is decided by how
-many times the data crosses the memory bus, not by the arithmetic.  The
-readable path in ``functional.py`` takes a fresh pass (and a fresh temporary)
-for every formula line.  This module computes the same numbers with few
-passes, no full-size temporaries besides the outputs, and both CPU cores.
+many times the data crosses the memory bus (and by Python overhead), not by
+the arithmetic.  The readable path in ``functional.py`` takes a fresh pass and
+a fresh full-size temporary for every formula line.  This module computes the
+same numbers in few passes, with no full-size temporaries besides the outputs.
 
-The math is the closed form of ``functional.py``, with one rewrite: every
-element-wise formula is written around ``d = x - shift``, where ``shift`` is
-the per-channel mean rounded to the input's dtype.  ``x - shift`` is exact for
-values near the mean, so nothing cancels even when ``|mean| >> std``::
+The math is the closed form of ``functional.py``, written around ``d = x - s``
+for a per-channel *shift* ``s``: zero when the data is centred enough, else
+the mean rounded to the input's dtype (``x - s`` is then exact for values near
+the mean, so nothing cancels when ``|mean| >> std``).  Per channel, in float64::
 
-    training forward         d = x - shift                      (one pass: d goes into y)
-                             var = sum(d^2)/m - (sum(d)/m)^2     (float64, as in moments.py)
-                             y = d * a + b                       a = gamma / sqrt(var + eps)
-                                                                 b = beta - (mean - shift) * a
-    backward                 d = x - shift                      (into dx)
-                             sum_dy, sum(dy * d)                 -> sum(dy * x_hat)
-                             dx = k * (dy - c0 - c3 * d)         k = gamma / sqrt(var + eps)
+    statistics     mean = s + sum(d) / m        var = sum(d^2) / m - (sum(d) / m)^2
+    forward        y  = d * a + b               a = gamma / sqrt(var + eps),  b = beta - (mean - s) a
+    backward       sum(dy * x_hat) = (sum(dy * d) - (mean - s) sum(dy)) / sqrt(var + eps)
+                   dx = k * (dy - c0 - c3 * d)  k = gamma / sqrt(var + eps)  (c0, c3: backward_coefficients)
 
-Per-channel constants (a, b, k, c0, c3) are computed once in float64 on ``C``
-numbers; the element-wise passes run in the input's dtype.
+so a training step is: one read-only pass for the statistics, one pass for
+``y``, one read-only pass for the two gradient sums, one pass for ``dx``.
+The per-channel constants are computed on ``C`` numbers in float64
+(:func:`forward_coefficients`, :func:`backward_coefficients`, shared with the
+CuPy kernels); the element-wise passes run in the input's dtype.
 
 How the passes are arranged:
 
 * **Tiles.**  The input is viewed as ``(N, C, S)`` (``S`` = product of the
-  spatial sizes) and cut into tiles of about ``TILE_ELEMENTS`` elements.  All
-  passes of one phase run on a tile before moving on, so the second and later
-  passes find the tile in cache.
-* **Reductions.**  Per-tile sums are taken in the input's dtype by BLAS-backed
-  dot products (``np.vecdot`` over contiguous rows) or ``einsum``/``add.reduce``
-  over rows, over at most ``MAX_RUN`` values each, and the per-tile partial
-  sums are combined in float64.  A float32 partial sum of at most a thousand
-  values is accurate to a few units in the last place; float64 takes it from
-  there, as in ``moments.py``.
+  spatial sizes) and cut into tiles of ``TILE_BYTES``; all operations of one
+  pass run on a tile before moving on, so the second and later ones find it
+  in cache.
+* **Maps.**  A NumPy binary operation is fastest when both operands are
+  contiguous and of equal size.  Per-channel constants are therefore
+  expanded once per call into a *map* that lines up element by element with
+  a tile (``a[c]`` repeated ``S`` times, for as many samples as a tile holds),
+  and every element-wise operation is a flat ``out=`` operation on a tile.
+* **Reductions.**  Sums run in the input's dtype over short *runs* (at most
+  ``ROW_RUN`` contiguous values, by BLAS dot products through ``np.vecdot``;
+  or ``COL_RUN`` rows, by ``add.reduce``/``einsum``, for ``(N, C)`` input) into
+  a small array of run partials, which is summed in float64 at the end.  A
+  float32 run of a few hundred values loses at most a few units in the last
+  place; float64 takes it from there, as in ``moments.py``.
 * **Threads.**  NumPy releases the GIL inside its loops, so tiles are shared
   out to ``num_threads()`` threads (``MINIBN_NUM_THREADS``, default: the
-  number of CPUs).  Small inputs run on one thread.
-* **out= buffers.**  Every pass writes into the output (``y`` or ``dx``) or a
-  per-thread scratch tile; no pass allocates a full-size temporary.
+  CPUs this process may use).  Each tile's results go to its own place, and
+  the float64 totals are summed in a fixed order: the results do not depend
+  on the number of threads.
+* **No fresh work memory.**  Maps, scratch tiles and run partials live in
+  per-thread buffers reused from call to call (a fresh large array costs a
+  page fault per 4 KiB on first touch, which here is more than the
+  arithmetic).
 
-Two layouts are used.  ``rows``: for ``S >= ROW_MIN`` the reductions run along
-the contiguous spatial rows of each ``(n, c)``.  ``cols``: for ``(N, C)`` and
-short rows the input is viewed as ``(N, C*S)`` and reductions run down the
-columns; a column's partial sums are folded into its channel afterwards.
+Two layouts: ``rows`` (``S >= ROW_MIN``) reduces along the contiguous spatial
+rows of each ``(n, c)``; ``cols`` (``(N, C)`` input and short rows) views the
+input as ``(N, C*S)`` and reduces down the columns.
 
 Which path runs: :func:`batch_norm_forward`, :func:`batch_norm_eval_forward`,
 :func:`batch_norm_backward` and :func:`channel_moments` have the signatures of
-their counterparts in ``functional.py``/``moments.py``.  They take the
-readable path when the reference path is selected (``MINIBN_KERNELS=reference``,
-:func:`use_fast_kernels(False)` or ``with reference_kernels():``), for dtypes
-other than float32/float64, and for array modules other than NumPy and CuPy.
-CuPy arrays go to the fused GPU kernels of ``kernels_cupy.py``.
+their counterparts in ``functional.py``/``moments.py`` and return the same
+numbers (to rounding).  They take the readable path when it is selected
+(``MINIBN_KERNELS=reference``, ``use_fast_kernels(False)`` or ``with
+reference_kernels():``), for dtypes other than float32/float64, for NumPy
+inputs smaller than ``REFERENCE_BELOW`` elements (where the readable code is
+as fast), and for array modules other than NumPy and CuPy.  CuPy arrays go to
+the fused GPU kernels of ``kernels_cupy.py``.
 """
 from __future__ import annotations
 
-import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -76,19 +85,20 @@ __all__ = [
 
 # --------------------------------------------------------------------------- tunables
 
-TILE_BYTES = 1 << 18          # bytes per array and tile: the arrays of one phase fit in L2
+TILE_BYTES = 1 << 20          # bytes per array and tile: the arrays of one pass fit in L2
 ROW_RUN = 256                 # rows layout: float32 dot products over at most this many values
-COL_RUN = 16                  # cols layout: float32 sums down at most this many rows
+COL_RUN = 8                   # cols layout: float32 sums down at most this many rows
 ROW_MIN = 32                  # spatial rows shorter than this use the cols layout
-MAP_MIN_N = 4                 # expand per-channel constants to full rows when N >= this ...
+MAP_MIN_N = 4                 # expand per-channel constants into maps when N >= this ...
 MAP_MAX_BYTES = 1 << 21       # ... and one sample (C * S values) is at most this big
+MAP_TILES_MIN = 8             # maps covering several samples: only if this many tiles use them
+MAP_ROW_MAX = 1 << 14         # ... and rows are shorter than this (else broadcasting is as fast)
 PARALLEL_MIN_BYTES = 1 << 17  # below this, one thread (a thread hand-off costs ~10 us)
 SMALL_BYTES = 1 << 16         # inputs up to this size are one tile with broadcasting constants
-REFERENCE_BELOW = 16384       # NumPy inputs with fewer elements take the reference path: for
-                              # them the readable code is as fast (fewer Python steps)
-SHIFT_SAMPLE = 64             # values per channel averaged for the provisional shift
+REFERENCE_BELOW = 16384       # NumPy inputs with fewer elements take the readable path
+SHIFT_SAMPLE = 16             # rows (cols layout) or row prefixes (rows layout) looked at to choose the shift
 REDO_RATIO = 1.0              # redo the statistics pass when |mean - shift| > REDO_RATIO * std
-EVAL_SHIFT_RATIO = 4.0        # see _NumpyKernels.normalize
+SHIFT_RATIO = 4.0             # given statistics: subtract the mean first when |mean| / std > this
 
 _FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -120,8 +130,8 @@ def reference_kernels():
 
 
 def _implementation(*arrays):
-    """The module that computes for these arrays: this one, ``kernels_cupy``, or ``None``
-    (the reference path)."""
+    """What computes for these arrays: the NumPy kernels, ``kernels_cupy``, or ``None``
+    (the readable path)."""
     if not _use_fast:
         return None
     xp = get_array_module(*arrays)
@@ -131,15 +141,16 @@ def _implementation(*arrays):
     return kernels_cupy if xp.__name__ == "cupy" and kernels_cupy.available() else None
 
 
-# --------------------------------------------------------------------------- threads
+# --------------------------------------------------------------------------- threads and buffers
 
 _threads = None
 _pool = None
 _pool_lock = threading.Lock()
+_local = threading.local()
 
 
 def num_threads() -> int:
-    """Threads the NumPy kernels use: ``MINIBN_NUM_THREADS`` or the number of CPUs."""
+    """Threads the NumPy kernels use: ``MINIBN_NUM_THREADS`` or the CPUs this process may use."""
     global _threads
     if _threads is None:
         env = os.environ.get("MINIBN_NUM_THREADS", "").strip()
@@ -177,20 +188,66 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
+def _buffer(name, n, dtype):
+    """A work array of ``n`` elements, kept per thread and reused from call to call.
+
+    The next request under the same name (in the same thread) returns the same
+    memory: a caller uses a buffer only until its next call.
+    """
+    bufs = _local.__dict__.setdefault("buffers", {})
+    key = (name, np.dtype(dtype).char)
+    buf = bufs.get(key)
+    if buf is None or buf.size < n:
+        buf = bufs[key] = np.empty(max(n, 1), dtype=dtype)
+    return buf[:n]
+
+
+class _OnesCache:
+    """Vectors of ones for the dot products that sum runs (read-only, shared)."""
+
+    def __init__(self):
+        self._d = {}
+
+    def get(self, n, dtype):
+        key = (n, np.dtype(dtype).char)
+        v = self._d.get(key)
+        if v is None:
+            v = self._d[key] = np.ones(n, dtype=dtype)
+        return v
+
+
+_ONES = _OnesCache()
+
+
 # --------------------------------------------------------------------------- tiling
 
-class _Tile:
-    """One block of the input.
+@lru_cache(maxsize=256)
+def _row_runs(S):
+    """How a row of ``S`` values is cut into float32 summation runs: ``(run, full_runs, rest)``.
 
-    ``ew``: index of the block in the plan's element-wise view; ``mp``: index
-    into the per-channel constant arrays (maps) that lines up with it;
-    ``red``: index in the reduction view; ``k``, ``lo:hi``: where its partial
-    sums go (row ``k``, columns ``lo:hi`` of a ``(K, width)`` array).
+    ``run <= ROW_RUN``; a divisor of ``S`` when one exists between ``ROW_RUN/2``
+    and ``ROW_RUN`` (no remainder piece), else ``ROW_RUN`` and a shorter rest.
     """
-    __slots__ = ("ew", "mp", "red", "k", "lo", "hi", "size", "ew_shape", "red_shape")
+    if S <= ROW_RUN:
+        return S, 1, 0
+    for r in range(ROW_RUN, ROW_RUN // 2 - 1, -1):
+        if S % r == 0:
+            return r, S // r, 0
+    return ROW_RUN, S // ROW_RUN, S % ROW_RUN
 
-    def __init__(self, ew, mp, red, k, lo, hi, ew_shape, red_shape):
-        self.ew, self.mp, self.red, self.k, self.lo, self.hi = ew, mp, red, k, lo, hi
+
+class _Tile:
+    """One block of the input and where its results go.
+
+    ``ew`` indexes the plan's element-wise view and ``mp`` the maps (they line
+    up element by element); ``red`` indexes the reduction view; ``parts``
+    lists the pieces of the reduction: ``(index into the tile's reduction
+    view, run length, index into the run-partials array)``.
+    """
+    __slots__ = ("ew", "mp", "red", "parts", "size", "ew_shape", "red_shape")
+
+    def __init__(self, ew, mp, red, parts, ew_shape, red_shape):
+        self.ew, self.mp, self.red, self.parts = ew, mp, red, parts
         self.ew_shape, self.red_shape = ew_shape, red_shape
         self.size = int(np.prod(red_shape))
 
@@ -199,10 +256,9 @@ class _Plan:
     """How an input shape is cut into tiles, and the tiles shared among threads.
 
     Reduction view: ``(N, C, S)`` (rows layout) or ``(N, W)`` with ``W = C*S``
-    (cols layout).  Element-wise view: the flat array when every tile is a
-    contiguous segment (then a per-channel constant is expanded to a *map*
-    that lines up element by element with a tile, the fastest form of a NumPy
-    binary operation), else the reduction view with broadcasting constants.
+    (cols layout); run partials: ``(N, C, runs per row)`` or ``(row runs, W)``.
+    Element-wise view: the flat array when every tile is a contiguous segment
+    (constants as maps), else the reduction view (constants broadcast).
     """
 
     def __init__(self, shape, itemsize, threads):
@@ -211,84 +267,68 @@ class _Plan:
         S = int(np.prod(shape[2:])) if len(shape) > 2 else 1
         self.N, self.C, self.S = N, C, S
         self.count = N * S
-        tile = max(ROW_RUN, TILE_BYTES // itemsize)
+        total = N * C * S
         self.cols = S < ROW_MIN
-        self.reps = 1             # how many rows (samples) one map covers
-        self.col_coef = False     # constants as (C, 1) columns instead of maps
-        tiles = []
-        if N * C * S == 0:        # nothing to do, but the views must still work
-            self.width = C * S if self.cols else C
-            self.red_shape = (N, C * S) if self.cols else (N, C, S)
-            self.ew_shape, self.K = self.red_shape, 0
-        elif N * C * S * itemsize <= SMALL_BYTES:   # one tile, broadcasting constants
+        self.reps = 1             # samples one map covers
+        self.col_coef = False     # constants as (C, 1) columns, broadcast, instead of maps
+        tile = max(ROW_RUN, TILE_BYTES // itemsize)
+        if self.cols:
+            W = C * S
+            self.red_shape = (N, W)
+            self.part_shape = (-(-N // COL_RUN), W)
+        else:
+            self.red_shape = (N, C, S)
+            run, full, rest = _row_runs(S)
+            self.part_shape = (N, C, full + (rest > 0))
+        self.ew_shape = (-1,)
+        self.tiles = tiles = []
+        if total == 0:
+            self.ew_shape = self.red_shape
+        elif total * itemsize <= SMALL_BYTES:       # one tile, constants broadcast
             self.col_coef = True
-            self.width = C * S if self.cols else C
-            self.red_shape = (N, C * S) if self.cols else (N, C, S)
-            self.ew_shape, self.K = (N, C, S), 1
-            tiles.append(_Tile((slice(None),) * 3, slice(None), (slice(None),) * len(self.red_shape),
-                               0, 0, self.width, (N, C, S), self.red_shape))
+            self.ew_shape = (N, C, S)
+            red = (slice(None),) * len(self.red_shape)
+            tiles.append(self._tile((slice(None),) * 3, slice(None), red, (N, C, S)))
         elif self.cols:
             W = C * S
-            self.width, self.red_shape = W, (N, W)
-            if W <= tile:         # tiles of whole rows: contiguous
+            if W <= tile:         # whole rows
                 nb = min(N, max(COL_RUN, tile // W // COL_RUN * COL_RUN))
-                self.ew_shape, self.reps = (-1,), nb
-                for k, n0 in enumerate(range(0, N, nb)):
-                    n1 = min(N, n0 + nb)
-                    tiles.append(_Tile(slice(n0 * W, n1 * W), slice(0, (n1 - n0) * W),
-                                       (slice(n0, n1), slice(None)), k, 0, W, (-1,), (n1 - n0, W)))
-            else:                 # very wide rows: 2-D blocks
-                nb = 2 * COL_RUN
-                wb = max(1, tile // nb)
+                self._whole_rows(N, W, nb, (slice(None),))
+            else:                 # very wide rows: 2-D blocks, maps of one row broadcast
                 self.ew_shape = (N, W)
-                for k, n0 in enumerate(range(0, N, nb)):
-                    n1 = min(N, n0 + nb)
+                nb, wb = 4 * COL_RUN, max(1, tile // (4 * COL_RUN))
+                for n0 in range(0, N, nb):
                     for w0 in range(0, W, wb):
-                        w1 = min(W, w0 + wb)
+                        n1, w1 = min(N, n0 + nb), min(W, w0 + wb)
                         idx = (slice(n0, n1), slice(w0, w1))
-                        tiles.append(_Tile(idx, slice(w0, w1), idx, k, w0, w1,
-                                           (n1 - n0, w1 - w0), (n1 - n0, w1 - w0)))
-            self.K = len(range(0, N, nb)) if N else 0
+                        tiles.append(self._tile(idx, slice(w0, w1), idx, (n1 - n0, w1 - w0)))
         else:
             CS = C * S
-            self.width, self.red_shape = C, (N, C, S)
-            self.ew_shape = (-1,)
-            k = 0
-            if CS <= tile:        # tiles of whole samples
-                nb = min(N, max(1, tile // CS))
-                self.reps = max(nb, 1)
-                for n0 in range(0, N, nb):
-                    n1 = min(N, n0 + nb)
-                    tiles.append(_Tile(slice(n0 * CS, n1 * CS), slice(0, (n1 - n0) * CS),
-                                       (slice(n0, n1), slice(None), slice(None)), k, 0, C,
-                                       (-1,), (n1 - n0, C, S)))
-                    k += 1
-            else:                 # tiles of channel groups (or of pieces of one long row)
+            if CS <= tile:        # whole samples
+                self._whole_rows(N, CS, min(N, max(1, tile // CS)), (slice(None), slice(None)))
+            else:                 # channel groups of one sample, or pieces of one long row
                 self.col_coef = N < MAP_MIN_N or CS * itemsize > MAP_MAX_BYTES
                 if self.col_coef:
                     self.ew_shape = (N, C, S)
+                run = _row_runs(S)[0]
                 cb = max(1, tile // S)
-                sb = S if S <= tile else tile // ROW_RUN * ROW_RUN
+                sb = S if S <= tile else max(run, tile // run * run)
                 for n in range(N):
-                    for s0 in range(0, S, sb):
-                        s1 = min(S, s0 + sb)
-                        for c0 in range(0, C, cb if sb == S else 1):
-                            c1 = min(C, c0 + (cb if sb == S else 1))
+                    for c0 in range(0, C, cb if sb == S else 1):
+                        c1 = min(C, c0 + (cb if sb == S else 1))
+                        for s0 in range(0, S, sb):
+                            s1 = min(S, s0 + sb)
                             red = (slice(n, n + 1), slice(c0, c1), slice(s0, s1))
-                            shp = (1, c1 - c0, s1 - s0)
                             if self.col_coef:
-                                tiles.append(_Tile(red, slice(c0, c1), red, k, c0, c1, shp, shp))
+                                tiles.append(self._tile(red, slice(c0, c1), red, (1, c1 - c0, s1 - s0)))
                             else:
                                 start = (n * C + c0) * S + s0
-                                seg = slice(start, start + (c1 - c0) * (s1 - s0)) if sb == S \
-                                    else slice(start, start + s1 - s0)
-                                mp = slice(c0 * S + s0, c1 * S if sb == S else c0 * S + s1)
-                                tiles.append(_Tile(seg, mp, red, k, c0, c1, (-1,), shp))
-                        k += 1
-            self.K = k
+                                length = (c1 - c0) * (s1 - s0)
+                                tiles.append(self._tile(slice(start, start + length),
+                                                        slice(c0 * S + s0, c0 * S + s0 + length),
+                                                        red, (-1,)))
         self.tiles = tiles
         self.max_tile = max((t.size for t in tiles), default=0)
-        total = N * C * S
         n = 1 if total * itemsize < PARALLEL_MIN_BYTES else max(1, min(threads, len(tiles)))
         groups = [[] for _ in range(n)]          # contiguous runs of tiles, equal in size
         acc = 0
@@ -296,8 +336,58 @@ class _Plan:
             groups[min(n - 1, acc * n // max(total, 1))].append(t)
             acc += t.size
         self.groups = [g for g in groups if g] or [[]]
-        n0 = min(N, max(1, -(-SHIFT_SAMPLE // S)))
-        self.sample = (slice(0, n0),)             # the samples averaged for the provisional shift
+        if self.cols:
+            self.sample = (slice(0, min(N, SHIFT_SAMPLE)), slice(None))
+        else:
+            self.sample = (slice(0, min(N, 2)), slice(None), slice(0, min(S, SHIFT_SAMPLE)))
+
+    def _whole_rows(self, N, W, nb, rest):
+        """Tiles of ``nb`` whole rows (samples) of ``W`` values.
+
+        With many such tiles and short rows, the maps cover ``nb`` rows and a
+        tile is one flat operation; otherwise the maps cover one row and are
+        broadcast over the tile's rows (building a map as big as a tile would
+        then cost more than it saves).
+        """
+        flat = -(-N // nb) >= MAP_TILES_MIN and W < MAP_ROW_MAX and nb > 1
+        if flat:
+            self.reps = nb
+        else:
+            self.ew_shape = (N, W)
+        for n0 in range(0, N, nb):
+            n1 = min(N, n0 + nb)
+            red = (slice(n0, n1),) + rest
+            if flat:
+                self.tiles.append(self._tile(slice(n0 * W, n1 * W), slice(0, (n1 - n0) * W), red, (-1,)))
+            else:
+                self.tiles.append(self._tile((slice(n0, n1), slice(None)), slice(None), red, (n1 - n0, W)))
+
+    def _tile(self, ew, mp, red, ew_shape):
+        """A tile with its reduction pieces, from its index ``red`` in the reduction view."""
+        bounds = [(s.start or 0, s.stop if s.stop is not None else dim)
+                  for s, dim in zip(red, self.red_shape)]
+        red_shape = tuple(b - a for a, b in bounds)
+        parts = []
+        if self.cols:
+            (n0, n1), (w0, w1) = bounds
+            full = (n1 - n0) // COL_RUN * COL_RUN
+            j0 = n0 // COL_RUN                       # tiles start on run boundaries
+            if full:
+                parts.append(((slice(0, full), slice(None)), COL_RUN,
+                              (slice(j0, j0 + full // COL_RUN), slice(w0, w1))))
+            if full < n1 - n0:
+                parts.append(((slice(full, None), slice(None)), 0, (j0 + full // COL_RUN, slice(w0, w1))))
+        else:
+            (n0, n1), (c0, c1), (s0, s1) = bounds
+            run, nfull, rest = _row_runs(self.S)
+            e = min(s1, nfull * run)                 # tiles start on run boundaries
+            if e > s0:
+                parts.append(((Ellipsis, slice(0, e - s0)), run,
+                              (slice(n0, n1), slice(c0, c1), slice(s0 // run, e // run))))
+            if s1 > nfull * run:
+                parts.append(((Ellipsis, slice(nfull * run - s0, None)), rest,
+                              (slice(n0, n1), slice(c0, c1), slice(nfull, nfull + 1))))
+        return _Tile(ew, mp, red, parts, ew_shape, red_shape)
 
     def ew_view(self, a):
         return a.reshape(self.ew_shape)
@@ -306,7 +396,10 @@ class _Plan:
         return a.reshape(self.red_shape)
 
     def maps(self, dtype, *vectors):
-        """Per-channel float64 vectors as arrays that line up with the tiles (in ``dtype``)."""
+        """Per-channel float64 vectors as arrays that line up with the tiles, in ``dtype``.
+
+        The arrays are per-thread buffers: valid until the next ``maps`` call.
+        """
         out = []
         for v in vectors:
             if self.col_coef:
@@ -324,32 +417,17 @@ class _Plan:
                 out.append(m)
         return out
 
+    def partials(self, dtype, n=1):
+        """``n`` arrays for the run partials of a pass (per-thread buffers)."""
+        size = int(np.prod(self.part_shape))
+        return [_buffer(f"parts{i}", size, dtype).reshape(self.part_shape) for i in range(n)]
+
     def fold(self, parts):
-        """``(K, width)`` float64 partial sums -> ``(C,)`` per-channel sums."""
-        s = parts.sum(axis=0)
-        return s.reshape(self.C, self.S).sum(axis=1) if self.cols and self.S > 1 else s
-
-    def partials(self, n=1):
-        return [np.zeros((self.K, self.width)) for _ in range(n)]
-
-
-_local = threading.local()
-
-
-def _buffer(name, n, dtype):
-    """A work buffer of ``n`` elements, kept per thread and reused from call to call.
-
-    Fresh large arrays cost page faults on first touch (a few microseconds per
-    4 KiB page here, more than the arithmetic); maps and scratch tiles are
-    therefore allocated once.  The next request under the same name reuses
-    (and overwrites) the buffer.
-    """
-    bufs = _local.__dict__.setdefault("buffers", {})
-    key = (name, np.dtype(dtype).char)
-    buf = bufs.get(key)
-    if buf is None or buf.size < n:
-        buf = bufs[key] = np.empty(n, dtype=dtype)
-    return buf[:n]
+        """Run partials -> ``(C,)`` float64 per-channel sums."""
+        if self.cols:
+            s = parts.sum(axis=0, dtype=np.float64)
+            return s.reshape(self.C, self.S).sum(axis=1) if self.S > 1 else s
+        return parts.sum(axis=(0, 2), dtype=np.float64)
 
 
 @lru_cache(maxsize=64)
@@ -391,59 +469,30 @@ def _run(plan, fn, scratch_dtype=None):
             raise errors[0]
 
 
-# --------------------------------------------------------------------------- per-tile reductions
-# float64 per-column (cols) or per-channel (rows) sums of one tile, ``sum(a)`` or ``sum(a * b)``.
-# Float32 partial sums run over at most ROW_RUN (rows: BLAS dot products, which keep several
-# accumulators) or COL_RUN (cols: running sums down the rows) values; float64 takes it from there.
+def _reduce(plan, t, a, b, out):
+    """Run partials of ``sum(a)`` (``b`` is None) or ``sum(a * b)`` over tile ``t`` into ``out``.
 
-_ones_cache = {}
-
-
-def _ones(n, dtype):
-    key = (n, np.dtype(dtype).char)
-    v = _ones_cache.get(key)
-    if v is None:
-        v = _ones_cache[key] = np.ones(n, dtype=dtype)
-    return v
-
-
-@lru_cache(maxsize=256)
-def _row_runs(length):
-    """Pieces ``(start, stop, run)`` of a row: ``run`` divides ``stop - start``, ``run <= ROW_RUN``."""
-    if length <= ROW_RUN:
-        return ((0, length, max(length, 1)),)
-    for r in range(ROW_RUN, ROW_RUN // 2 - 1, -1):
-        if length % r == 0:
-            return ((0, length, r),)
-    q = length // ROW_RUN * ROW_RUN
-    return ((0, q, ROW_RUN), (q, length, length - q))
-
-
-def _rows_sum(a, b=None):
-    """``a``, ``b``: ``(nb, cb, L)`` views -> ``(cb,)`` float64."""
-    out = None
-    for s0, s1, r in _row_runs(a.shape[-1]):
-        shp = a.shape[:-1] + ((s1 - s0) // r, r)
-        aa = a[..., s0:s1].reshape(shp)
-        v = np.vecdot(aa, _ones(r, a.dtype) if b is None else b[..., s0:s1].reshape(shp))
-        part = v.sum(axis=(0, 2), dtype=np.float64)
-        out = part if out is None else out + part
-    return out
-
-
-def _cols_sum(a, b=None):
-    """``a``, ``b``: ``(nb, wb)`` views -> ``(wb,)`` float64."""
-    q = a.shape[0] // COL_RUN * COL_RUN
-    out = np.zeros(a.shape[1])
-    if q:
-        shp = (q // COL_RUN, COL_RUN, a.shape[1])
-        aa = a[:q].reshape(shp)
-        v = np.add.reduce(aa, axis=1) if b is None else np.einsum("ijk,ijk->ik", aa, b[:q].reshape(shp))
-        out += v.sum(axis=0, dtype=np.float64)
-    if q < a.shape[0]:
-        v = np.add.reduce(a[q:], axis=0) if b is None else np.einsum("ij,ij->j", a[q:], b[q:])
-        out += v
-    return out
+    ``a``/``b`` are the tile in the reduction view; float32 data is summed in
+    float32 over each run only.
+    """
+    for idx, run, dest in t.parts:
+        aa = a[idx]
+        bb = b[idx] if b is not None else None
+        if plan.cols:
+            if run:                                   # (q, COL_RUN, wb) -> (q, wb)
+                shp = (aa.shape[0] // run, run, aa.shape[1])
+                if bb is None:
+                    np.add.reduce(aa.reshape(shp), axis=1, out=out[dest])
+                else:
+                    np.einsum("ijk,ijk->ik", aa.reshape(shp), bb.reshape(shp), out=out[dest])
+            elif bb is None:                          # the last, shorter run
+                np.add.reduce(aa, axis=0, out=out[dest])
+            else:
+                np.einsum("ij,ij->j", aa, bb, out=out[dest])
+        else:                                         # (nb, cb, L) -> (nb, cb, L / run)
+            shp = aa.shape[:-1] + (aa.shape[-1] // run, run)
+            np.vecdot(aa.reshape(shp), _ONES.get(run, aa.dtype) if bb is None else bb.reshape(shp),
+                      out=out[dest])
 
 
 # --------------------------------------------------------------------------- per-channel constants
@@ -478,7 +527,7 @@ def backward_coefficients(sum_dy, sum_dy_xhat, count, inv_std, delta, weight):
 # --------------------------------------------------------------------------- the cache
 
 class KernelCache(F.BNCache):
-    """What the fast backward needs: ``x``, the statistics and the shift, no ``x_hat``.
+    """What the fast backward needs: ``x`` and the statistics, no ``x_hat``.
 
     It is a :class:`functional.BNCache`, so the reference backward accepts it
     too: ``x_hat`` is then computed on first access (as the reference does).
@@ -492,7 +541,6 @@ class KernelCache(F.BNCache):
     @property
     def x_hat(self):
         if self._x_hat is None:
-            xp = get_array_module(self.x)
             dt = np.promote_types(self.x.dtype, np.float32)
             shape = F.channel_shape(self.x.ndim)
             self._x_hat = ((self.x - self.mean.reshape(shape).astype(dt))
@@ -515,7 +563,7 @@ class KernelCache(F.BNCache):
 # --------------------------------------------------------------------------- NumPy kernels
 
 class _NumpyKernels:
-    """The NumPy implementation (tiles, threads, out= buffers)."""
+    """The NumPy implementation (tiles, maps, run partials, threads)."""
 
     @staticmethod
     def handles(x):
@@ -524,63 +572,73 @@ class _NumpyKernels:
     # -- statistics -----------------------------------------------------------------
     @staticmethod
     def _shifted_sums(plan, x, shift, out):
-        """One pass: ``d = x - shift`` (into ``out`` or scratch tiles), per-channel ``sum(d)``,
-        ``sum(d^2)`` in float64."""
-        xe, (shift_m,) = plan.ew_view(x), plan.maps(x.dtype, shift)
+        """One pass: per-channel float64 ``sum(d)`` and ``sum(d^2)`` with ``d = x - shift``.
+
+        ``shift=None`` means ``d = x``: no subtraction at all.  Otherwise ``d``
+        is formed tile by tile, in ``out`` if given (and left there), else in a
+        per-thread scratch tile.
+        """
+        xe, xr = plan.ew_view(x), plan.red_view(x)
+        shift_m = plan.maps(x.dtype, shift)[0] if shift is not None else None
         oe = plan.ew_view(out) if out is not None else None
         orr = plan.red_view(out) if out is not None else None
-        p_d, p_d2 = plan.partials(2)
-        rsum = _cols_sum if plan.cols else _rows_sum
+        p_d, p_d2 = plan.partials(x.dtype, 2)
 
         def body(t, scratch):
-            if out is not None:
+            if shift_m is None:
+                d = xr[t.red]
+            elif oe is not None:
                 np.subtract(xe[t.ew], shift_m[t.mp], out=oe[t.ew])
                 d = orr[t.red]
             else:
                 buf = scratch[:t.size]
                 np.subtract(xe[t.ew], shift_m[t.mp], out=buf.reshape(t.ew_shape))
                 d = buf.reshape(t.red_shape)
-            p_d[t.k, t.lo:t.hi] = rsum(d)
-            p_d2[t.k, t.lo:t.hi] = rsum(d, d)
+            _reduce(plan, t, d, None, p_d)
+            _reduce(plan, t, d, d, p_d2)
 
-        _run(plan, body, scratch_dtype=None if out is not None else x.dtype)
+        _run(plan, body, scratch_dtype=x.dtype if shift_m is not None and oe is None else None)
         return plan.fold(p_d), plan.fold(p_d2)
 
     @classmethod
     def moments(cls, x, out=None):
-        """``(count, mean, var, shift)`` per channel; with ``out``, ``x - shift`` is left there.
+        """``(count, mean, var, shift)`` per channel in float64; ``shift`` is None or a vector.
 
-        The shifted two-pass method of ``moments.py`` with a cheap first pass:
-        the shift is the mean of the first few samples (``SHIFT_SAMPLE`` values
-        per channel), rounded to the dtype.  With ``d = x - shift``::
+        The shifted method of ``moments.py`` with ``d = x - shift``::
 
             mean = shift + mean(d)          var = mean(d^2) - mean(d)^2
 
-        which loses nothing while ``|mean(d)|`` is at most about one standard
-        deviation.  If the sample was unrepresentative (sorted data, a drift
-        across the batch) and ``|mean(d)| > REDO_RATIO * std`` for some channel,
-        the pass is repeated with the mean just found as the shift: the
-        classic two-pass method.
+        loses nothing while ``|mean(d)|`` is at most about one standard
+        deviation.  The shift is chosen from a few values per channel (the
+        first ``SHIFT_SAMPLE`` rows, or row prefixes): if their mean is within one of their standard deviations of
+        zero there is no shift and the pass only reads ``x``; otherwise the
+        shift is their mean rounded to the dtype and ``d`` is formed tile by
+        tile (into ``out`` when given, and left there for the caller).  If the
+        sample was unrepresentative (sorted data, a drift across the batch) and
+        ``|mean(d)| > REDO_RATIO * std`` for some channel, the pass is repeated
+        with the mean just found as the shift: the classic two-pass method.
         """
         plan = _plan(x)
         m, C = plan.count, plan.C
         if m == 0 or x.size == 0:
             z = np.zeros(C)
-            return m, z, z.copy(), z.copy()
-        sample = plan.red_view(x)[plan.sample]
-        axes = (0, 2) if not plan.cols else 0
-        guess = sample.mean(axis=axes, dtype=np.float64)
+            return m, z, z.copy(), None
+        sample = plan.red_view(x)[plan.sample].astype(np.float64)
+        axes = 0 if plan.cols else (0, 2)
+        guess = sample.mean(axis=axes)
+        spread = np.square(sample).mean(axis=axes) - guess * guess
         if plan.cols and plan.S > 1:
             guess = guess.reshape(C, plan.S).mean(axis=1)
-        for attempt in range(2):
-            shift = guess.astype(x.dtype).astype(np.float64)
+            spread = spread.reshape(C, plan.S).mean(axis=1)
+        shift = None if np.all(guess * guess <= spread) else guess.astype(x.dtype).astype(np.float64)
+        for _ in range(2):
             s_d, s_d2 = cls._shifted_sums(plan, x, shift, out)
             dmean = s_d / m
             var = np.maximum(s_d2 / m - dmean * dmean, 0.0)
-            mean = shift + dmean
+            mean = dmean if shift is None else shift + dmean
             if not np.any(dmean * dmean > REDO_RATIO * REDO_RATIO * var):
                 break
-            guess = mean
+            shift = mean.astype(x.dtype).astype(np.float64)
         return m, mean, var, shift
 
     # -- forward --------------------------------------------------------------------
@@ -588,80 +646,91 @@ class _NumpyKernels:
     def forward_train(cls, x, weight, bias, eps):
         """Training forward with this batch's statistics: ``(y, cache)``."""
         y = np.empty_like(x)
-        count, mean, var, shift = cls.moments(x, y)      # y holds x - shift now
-        inv_std, a, b = forward_coefficients(np, mean, var, shift, weight, bias, eps)
+        count, mean, var, shift = cls.moments(x, y)      # y holds x - shift if there is a shift
+        inv_std, a, b = forward_coefficients(np, mean, var, shift if shift is not None else 0.0,
+                                             weight, bias, eps)
         plan = _plan(x)
-        ye = plan.ew_view(y)
+        xe, ye = plan.ew_view(x), plan.ew_view(y)
         a_m, b_m = plan.maps(x.dtype, a, b)
 
         def affine(t, _):
             yt = ye[t.ew]
-            np.multiply(yt, a_m[t.mp], out=yt)
+            np.multiply(xe[t.ew] if shift is None else yt, a_m[t.mp], out=yt)
             np.add(yt, b_m[t.mp], out=yt)
 
         _run(plan, affine)
         return y, KernelCache(x, mean, var, inv_std, weight, eps, count)
 
     @staticmethod
-    def normalize(x, mean, var, weight, bias, eps):
+    def _shift_for(x, mean, inv_std):
+        """The shift for given statistics: ``None`` while ``|mean| / std <= SHIFT_RATIO``, else
+        the mean rounded to the dtype.
+
+        Without a shift, ``x * a`` is rounded to the dtype with ``x`` itself
+        (not ``x - mean``): an error of about ``eps_dtype * |mean| / std``
+        relative to the output, harmless while that ratio is small.  Beyond
+        it the mean is subtracted first, as the reference does.
+        """
+        ratio = float(np.max(np.abs(mean) * inv_std)) if mean.size else 0.0
+        return None if ratio <= SHIFT_RATIO else mean.astype(x.dtype).astype(np.float64)
+
+    @classmethod
+    def normalize(cls, x, mean, var, weight, bias, eps):
         """``y`` with given statistics (eval mode, or SyncBN's global ones): ``(y, inv_std)``.
 
-        One pass, two or three operations per tile.  ``x * a + b`` (two) rounds
-        ``x * a`` to the dtype, an error of ``eps_dtype * |mean| / std`` relative
-        to the output; that is harmless while ``|mean| / std <= EVAL_SHIFT_RATIO``.
-        Beyond it, ``(x - shift) * a + b`` (three) subtracts first, as the
-        reference does.
+        One pass, two operations per tile (three with a shift).
         """
-        inv = 1.0 / np.sqrt(var + eps)
-        ratio = float(np.max(np.abs(mean) * inv)) if mean.size else 0.0
-        subtract = not ratio <= EVAL_SHIFT_RATIO
-        shift = mean.astype(x.dtype).astype(np.float64) if subtract else np.zeros_like(mean)
-        inv_std, a, b = forward_coefficients(np, mean, var, shift, weight, bias, eps)
+        shift = cls._shift_for(x, mean, 1.0 / np.sqrt(var + eps))
+        inv_std, a, b = forward_coefficients(np, mean, var, shift if shift is not None else 0.0,
+                                             weight, bias, eps)
         y = np.empty_like(x)
         plan = _plan(x)
         xe, ye = plan.ew_view(x), plan.ew_view(y)
-        a_m, b_m, s_m = plan.maps(x.dtype, a, b, shift)
+        if shift is None:
+            a_m, b_m = plan.maps(x.dtype, a, b)
+        else:
+            a_m, b_m, s_m = plan.maps(x.dtype, a, b, shift)
 
         def affine(t, _):
             yt = ye[t.ew]
-            if subtract:
+            if shift is None:
+                np.multiply(xe[t.ew], a_m[t.mp], out=yt)
+            else:
                 np.subtract(xe[t.ew], s_m[t.mp], out=yt)
                 np.multiply(yt, a_m[t.mp], out=yt)
-            else:
-                np.multiply(xe[t.ew], a_m[t.mp], out=yt)
             np.add(yt, b_m[t.mp], out=yt)
 
         _run(plan, affine)
         return y, inv_std
 
     # -- backward -------------------------------------------------------------------
-    @staticmethod
-    def backward(dy, cache, reduce=None):
+    @classmethod
+    def backward(cls, dy, cache, reduce=None):
         """``(dx, dweight, dbias)``: one pass for the sums, one for ``dx``.
 
-        ``d = x - shift`` with ``shift`` the mean rounded to the dtype; ``dx``
-        holds ``d`` between the two passes.
+        ``d = x - shift`` with the shift of ``_shift_for``: without one, ``d``
+        is ``x`` itself and the first pass only reads; with one, the first pass
+        forms ``d`` in ``dx`` and the second pass uses it.
         """
         x = cache.x
         plan = _plan(x)
         dx = np.empty_like(dy)
         xe, dye, dxe = plan.ew_view(x), plan.ew_view(dy), plan.ew_view(dx)
-        dyr, dxr = plan.red_view(dy), plan.red_view(dx)
+        xr, dyr, dxr = plan.red_view(x), plan.red_view(dy), plan.red_view(dx)
         weight = cache.weight
-        shift = cache.mean.astype(x.dtype).astype(np.float64)
-        delta = cache.mean - shift
-        need_sums = not cache.frozen or weight is not None
-        rsum = _cols_sum if plan.cols else _rows_sum
+        shift = cls._shift_for(x, cache.mean, cache.inv_std)
+        delta = cache.mean - (shift if shift is not None else 0.0)
         sum_dy, sum_dy_xhat = np.zeros(plan.C), np.zeros(plan.C)
-        if need_sums:
-            (shift_m,) = plan.maps(x.dtype, shift)
-            p_dy, p_dyd = plan.partials(2)
+        if not cache.frozen or weight is not None:
+            s_m = plan.maps(x.dtype, shift)[0] if shift is not None else None
+            p_dy, p_dyd = plan.partials(dy.dtype, 2)
 
             def sums(t, _):
-                np.subtract(xe[t.ew], shift_m[t.mp], out=dxe[t.ew])
                 dyt = dyr[t.red]
-                p_dy[t.k, t.lo:t.hi] = rsum(dyt)
-                p_dyd[t.k, t.lo:t.hi] = rsum(dyt, dxr[t.red])
+                _reduce(plan, t, dyt, None, p_dy)
+                if s_m is not None:
+                    np.subtract(xe[t.ew], s_m[t.mp], out=dxe[t.ew])
+                _reduce(plan, t, dyt, xr[t.red] if s_m is None else dxr[t.red], p_dyd)
 
             _run(plan, sums)
             sum_dy = plan.fold(p_dy)
@@ -682,9 +751,9 @@ class _NumpyKernels:
             k, c0, c3 = backward_coefficients(g_dy, g_dyxh, cache.count, cache.inv_std, delta, weight)
             k_m, c0_m, c3_m = plan.maps(dy.dtype, k, c0, c3)
 
-            def grad(t, _):                       # dx = k * (dy - c0 - c3 * d), d already in dx
-                d = dxe[t.ew]
-                np.multiply(d, c3_m[t.mp], out=d)
+            def grad(t, _):                       # dx = k * (dy - c0 - c3 * d)
+                d = dxe[t.ew]                     # d is x itself, or x - shift left here
+                np.multiply(xe[t.ew] if shift is None else d, c3_m[t.mp], out=d)
                 np.add(d, c0_m[t.mp], out=d)
                 np.subtract(dye[t.ew], d, out=d)
                 np.multiply(d, k_m[t.mp], out=d)

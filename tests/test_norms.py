@@ -342,3 +342,44 @@ def test_errors_are_clear(rng):
     ln(rng.standard_normal((2, 4)))
     with pytest.raises(ValueError, match="dy has shape"):
         ln.backward(np.ones((3, 4)))
+
+
+# --------------------------------------------------------------------------- GPU (CuPy)
+
+@pytest.mark.gpu
+def test_cupy_matches_numpy(rng):
+    cupy = pytest.importorskip("cupy")
+    if not mb.backend.cupy_available():
+        pytest.skip("no CUDA GPU")
+    x = rng.standard_normal((3, 4, 5, 2))
+    dy = rng.standard_normal(x.shape)
+    for make in (lambda: mb.LayerNorm((4, 5, 2)), lambda: mb.GroupNorm(2, 4),
+                 lambda: mb.InstanceNorm2d(4, affine=True, track_running_stats=True)):
+        mb.set_backend("numpy")
+        ref = make()
+        mb.set_backend("cupy")
+        try:
+            gpu = make()
+        finally:
+            mb.set_backend("numpy")
+        y_ref, y_gpu = ref(x), gpu(cupy.asarray(x))
+        assert mb.backend.is_cupy_array(y_gpu)
+        np.testing.assert_allclose(mb.asnumpy(y_gpu), y_ref, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(mb.asnumpy(gpu.backward(cupy.asarray(dy))), ref.backward(dy),
+                                   rtol=1e-5, atol=1e-6)
+        for (name, p), (_, q) in zip(ref.named_parameters(), gpu.named_parameters()):
+            np.testing.assert_allclose(mb.asnumpy(q.grad), p.grad, rtol=1e-5, atol=1e-5, err_msg=name)
+        for (name, b), (_, c) in zip(ref.named_buffers(), gpu.named_buffers()):
+            np.testing.assert_allclose(mb.asnumpy(c), b, rtol=1e-6, err_msg=name)
+
+
+def test_float16_in_float16_out(rng):
+    x = (rng.standard_normal((4, 6, 5)) * 3 + 2).astype(np.float16)
+    for layer, ref in ((mb.LayerNorm((6, 5), dtype=np.float16), lambda v: ref_layer_norm(v, 2)),
+                       (mb.GroupNorm(3, 6, dtype=np.float16), lambda v: ref_group_norm(v, 3)),
+                       (mb.InstanceNorm1d(6, affine=True, dtype=np.float16), ref_instance_norm)):
+        y = layer(x)
+        assert y.dtype == np.float16
+        np.testing.assert_allclose(y.astype(np.float64), ref(x.astype(np.float64)), atol=1e-2)
+        dx = layer.backward(np.ones_like(x))
+        assert dx.dtype == np.float16 and np.all(np.abs(dx.astype(np.float64)) < 1e-2)  # d(sum y)/dx = 0

@@ -112,14 +112,14 @@ def generalization_data(seeds=GAP_SEEDS, epochs=SETUP["epochs"]):
 def init_lr_sweep_data(gains=SWEEP_GAINS, lrs=SWEEP_LRS, epochs=SWEEP_EPOCHS):
     """Final-epoch training loss and test accuracy after ``epochs`` epochs, over init gains
     (at the standard lr) and over learning rates (at He init), with and without BN.
-    ``None`` marks a run whose loss overflowed (diverged)."""
+    ``None`` marks a run that blew up (``History.diverged``)."""
     out = {"epochs": epochs, "lr_for_gain_sweep": SETUP["lr"], "gain_for_lr_sweep": HE,
            "gains": list(gains), "lrs": list(lrs), "gain_sweep": {}, "lr_sweep": {}}
     for label, name in (("plain", "plain, He init"), ("BN", "BN, He init")):
         for key, values, kw in (("gain_sweep", gains, "gain"), ("lr_sweep", lrs, "lr")):
             loss, acc = [], []
             for v in values:
-                args = {"lr": float(SETUP["lr"]), "gain": float(HE)}
+                args = {"lr": float(SETUP["lr"]), "gain": float(HE)}   # HE = this config's gain
                 args[kw] = float(v)
                 h, _ = _run(name, epochs=epochs, each_epoch=False, **args)
                 loss.append(None if h.diverged else _nan(h.train_loss[-1]))
@@ -137,7 +137,7 @@ _COLORS = {"plain, default init": "tab:red", "BN, default init": "tab:blue",
 def plot_activation_stats(data):
     plt = pyplot()
     names = list(data["configs"])
-    fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names), 5.6), sharex=True)
+    fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names), 5.6), sharex=True, sharey="row")
     cmap = plt.get_cmap("viridis")
     for j, name in enumerate(names):
         c = data["configs"][name]
@@ -192,6 +192,9 @@ def plot_init_lr_sweep(data):
                 ax.plot(bad, [top] * len(bad), "x", color="k", ms=9)
         ax.axhline(math.log(4), color="gray", lw=0.8, ls="--")
         ax.set_xscale("log")
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{x:.3g}" for x in xs])
+        ax.minorticks_off()
         ax.set(xlabel=xlabel, ylabel=f"training loss after {data['epochs']} epochs")
         ax.grid(alpha=0.3)
     a1.set_title(f"Init scale (lr = {data['lr_for_gain_sweep']})")
@@ -203,18 +206,18 @@ def plot_init_lr_sweep(data):
 
 @figure("s1_activation_stats")
 def fig_activation_stats():
-    data = activation_stats_data()
+    data = activation_stats_data(SETUP["epochs"])
     return plot_activation_stats(data), data
 
 
 @figure("s1_training_curves")
 def fig_training_curves():
-    data = training_curves_data()
-    data["generalization"] = generalization_data()
+    data = training_curves_data(SETUP["epochs"])
+    data["generalization"] = generalization_data(GAP_SEEDS, SETUP["epochs"])
     return plot_training_curves(data), data
 
 
 @figure("s1_init_lr_sweep")
 def fig_init_lr_sweep():
-    data = init_lr_sweep_data()
+    data = init_lr_sweep_data(SWEEP_GAINS, SWEEP_LRS, SWEEP_EPOCHS)
     return plot_init_lr_sweep(data), data

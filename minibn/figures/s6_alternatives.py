@@ -126,7 +126,8 @@ def accuracy_vs_batch_data(batch_sizes=TRAIN_BATCH_SIZES, norms=("bn", "gn", "ln
 
 
 def batch_size_dependence_data():
-    return {"output": output_dependence_data(), "accuracy": accuracy_vs_batch_data()}
+    return {"output": output_dependence_data(BATCH_SIZES, DRAWS),
+            "accuracy": accuracy_vs_batch_data(TRAIN_BATCH_SIZES)}
 
 
 def plot_batch_size_dependence(data):
@@ -147,7 +148,7 @@ def plot_batch_size_dependence(data):
     a2.set_xscale("log", base=2)
     a2.set(xlabel="batch size (learning rate proportional to it)", ylabel="test accuracy",
            title=f"Small MLP, {a['setup']['epochs']} epochs")
-    a2.text(0.02, 0.03, "BatchNorm at batch 1: ValueError\n(one value per channel)",
+    a2.text(0.3, 0.3, "BatchNorm at batch 1: ValueError\n(one value per channel)",
             transform=a2.transAxes, fontsize=8)
     a2.grid(alpha=0.3)
     a2.legend()

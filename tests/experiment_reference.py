@@ -1,20 +1,29 @@
-"""The independent reference for the training experiments: the same MLP trained by PyTorch.
+"""Independent references for the experiments of lessons 1 and 7 and their figures.
 
-:func:`to_torch` copies a minibn ``Sequential`` of Linear / BatchNorm1d / LayerNorm /
-GroupNorm / ReLU layers (weights, biases, running statistics) into a float64 PyTorch model;
-:func:`torch_train` trains it with ``torch.optim.SGD`` and autograd on the same batches as
-``minibn.experiments.train`` (each epoch the order ``default_rng([seed, 4]).permutation(n)``,
-consecutive batches of ``batch_size``, a last partial batch dropped).  Nothing of minibn's
-math is used, so agreement checks minibn's layers, loss, backward and optimizer at once.
+* :func:`to_torch` / :func:`torch_train`: the same MLP trained by PyTorch.  ``to_torch``
+  copies a minibn ``Sequential`` of Linear / BatchNorm1d / LayerNorm / GroupNorm / ReLU
+  layers (weights, biases, running statistics) into a float64 PyTorch model; ``torch_train``
+  trains it with ``torch.optim.SGD`` and autograd on the same batches as
+  ``minibn.experiments.train`` (each epoch the order ``default_rng([seed, 4]).permutation(n)``,
+  consecutive batches of ``batch_size``, a last partial batch dropped).  Nothing of minibn's
+  math is used, so agreement checks minibn's layers, loss, backward and optimizer at once.
+* :func:`reference_rms`: the section 6.3 output-dependence table with every normalization
+  written out in NumPy.
 """
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
-import torch
 
-T = torch.float64
+try:
+    import torch
+except ImportError:  # pragma: no cover - the callers skip without torch
+    torch = None
+
+EPS = 1e-5
+T = torch.float64 if torch is not None else None
 
 
 def to_torch(model):
@@ -103,7 +112,7 @@ def _torch_train(tmodel, data, epochs, batch_size, lr, momentum, seed, evaluate_
             idx = order[s * batch_size:(s + 1) * batch_size]
             opt.zero_grad()
             loss = loss_fn(tmodel(xt[idx]), yt[idx])
-            if not torch.isfinite(loss):
+            if not torch.isfinite(loss) or loss.item() > 1e6:     # minibn.experiments.BLOWUP_LOSS
                 out["diverged"] = True
                 return out
             loss.backward()
@@ -115,4 +124,35 @@ def _torch_train(tmodel, data, epochs, batch_size, lr, momentum, seed, evaluate_
             out["test_acc"].append(accuracy(tmodel, data.x_test, data.y_test))
         if probe is not None and epoch in snapshot_epochs:
             out["snapshots"][epoch] = relu_stats(tmodel, probe)
+    return out
+
+
+def reference_rms(batch_sizes, draws, seed=0):
+    """RMS(training output - inference output) of one fixed sample, averaged over ``draws``
+    batches of each size: the same random samples as ``s6_alternatives.output_dependence_data``
+    (drawn with its generator), every normalization written out here."""
+    from minibn.figures import s6_alternatives as s6
+    rng = np.random.default_rng([seed, 61])
+    x0 = s6.draw_samples(1, rng, seed)[0]
+    mu, s = s6.population(seed)
+    pop = (x0 - mu[:, None, None]) / np.sqrt(s[:, None, None] ** 2 + EPS)
+
+    def grouped(b, G):          # G groups per sample (G = 1: layer norm, G = C: instance norm)
+        f = b.reshape(b.shape[0], G, -1)
+        return ((f - f.mean(2, keepdims=True)) / np.sqrt(f.var(2, keepdims=True) + EPS)).reshape(b.shape)
+
+    def bn(b):
+        return (b - b.mean((0, 2, 3), keepdims=True)) / np.sqrt(b.var((0, 2, 3), keepdims=True) + EPS)
+
+    C = x0.shape[0]
+    norms = {"BatchNorm2d": (bn, pop),
+             "LayerNorm": (lambda b: grouped(b, 1), grouped(x0[None], 1)[0]),
+             "GroupNorm(4)": (lambda b: grouped(b, 4), grouped(x0[None], 4)[0]),
+             "InstanceNorm2d": (lambda b: grouped(b, C), grouped(x0[None], C)[0])}
+    mates = {B: [s6.draw_samples(B - 1, rng, seed) for _ in range(draws if B > 1 else 1)]
+             for B in batch_sizes}
+    out = {}
+    for name, (f, ref) in norms.items():
+        out[name] = [float(np.mean([math.sqrt(np.mean((f(np.concatenate([x0[None], m]))[0] - ref) ** 2))
+                                    for m in mates[B]])) for B in batch_sizes]
     return out
