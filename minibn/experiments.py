@@ -11,10 +11,6 @@ seeded, so the same call gives the same numbers bit for bit.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import glob
-import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -29,41 +25,16 @@ __all__ = ["Dataset", "make_classification", "mlp", "set_init", "History", "trai
 
 # --------------------------------------------------------------------------- one BLAS thread
 
-def _openblas_thread_functions():
-    """``(get, set)`` thread-count functions of the OpenBLAS inside NumPy's wheel, or ``None``."""
-    libdir = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
-    for path in sorted(glob.glob(os.path.join(libdir, "libscipy_openblas*.so*"))):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for suffix in ("64_", "_64_", ""):
-            get = getattr(lib, f"scipy_openblas_get_num_threads{suffix}", None)
-            set_ = getattr(lib, f"scipy_openblas_set_num_threads{suffix}", None)
-            if get is not None and set_ is not None:
-                return get, set_
-    return None
-
-
-@contextlib.contextmanager
 def single_thread_blas():
-    """Matrix products on one BLAS thread inside the block (a no-op where that cannot be set).
+    """Matrix products on one BLAS thread inside the ``with`` block.
 
     The products here are small (at most 3072 x 64 by 64 x 64); spreading them over
     threads costs more than it saves: measured on a 2-core machine, an evaluation
-    pass used 5x less CPU time on one thread.  Same effect as OPENBLAS_NUM_THREADS=1.
+    pass used 5x less CPU time on one thread.  Same effect as OPENBLAS_NUM_THREADS=1,
+    but scoped: the previous limits are restored on exit (threadpoolctl).
     """
-    fns = _openblas_thread_functions()
-    if fns is None:
-        yield
-        return
-    get, set_ = fns
-    old = int(get())
-    set_(1)
-    try:
-        yield
-    finally:
-        set_(old)
+    from threadpoolctl import threadpool_limits
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 # --------------------------------------------------------------------------- data
