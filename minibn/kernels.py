@@ -1,10 +1,11 @@
 """Fast batch-norm kernels: the math of ``functional.py``, arranged for memory traffic.
 
 Batch norm does a handful of flops per element, so its speed is decided by how
-many times the data crosses the memory bus (and by Python overhead), not by
-the arithmetic.  The readable path in ``functional.py`` takes a fresh pass and
-a fresh full-size temporary for every formula line.  This module computes the
-same numbers in few passes, with no full-size temporaries besides the outputs.
+many times the data crosses the memory bus (and, in NumPy, by the number of
+Python-level steps), not by the arithmetic.  The readable path in
+``functional.py`` takes a pass and a fresh full-size temporary for every
+formula line.  This module computes the same numbers in a few passes, with no
+full-size temporaries besides the outputs.
 
 The math is the closed form of ``functional.py``, written around ``d = x - s``
 for a per-channel *shift* ``s``: zero when the data is centred enough, else
@@ -16,56 +17,58 @@ the mean, so nothing cancels when ``|mean| >> std``).  Per channel, in float64::
     backward       sum(dy * x_hat) = (sum(dy * d) - (mean - s) sum(dy)) / sqrt(var + eps)
                    dx = k * (dy - c0 - c3 * d)  k = gamma / sqrt(var + eps)  (c0, c3: backward_coefficients)
 
-so a training step is: one read-only pass for the statistics, one pass for
-``y``, one read-only pass for the two gradient sums, one pass for ``dx``.
-The per-channel constants are computed on ``C`` numbers in float64
-(:func:`forward_coefficients`, :func:`backward_coefficients`, shared with the
-CuPy kernels); the element-wise passes run in the input's dtype.
+A training step is one pass for the statistics (read-only for centred data),
+one pass for ``y``, one read-only pass for the two gradient sums and one pass
+for ``dx``.  The per-channel constants are computed on ``C`` numbers in
+float64 (:func:`forward_coefficients`, :func:`backward_coefficients`, shared
+with the CuPy kernels); the element-wise passes run in the input's dtype.
 
 How the passes are arranged:
 
 * **Tiles.**  The input is viewed as ``(N, C, S)`` (``S`` = product of the
-  spatial sizes) and cut into tiles of ``TILE_BYTES``; all operations of one
-  pass run on a tile before moving on, so the second and later ones find it
-  in cache.
-* **Maps.**  A NumPy binary operation is fastest when both operands are
-  contiguous and of equal size.  Per-channel constants are therefore
-  expanded once per call into a *map* that lines up element by element with
-  a tile (``a[c]`` repeated ``S`` times, for as many samples as a tile holds),
-  and every element-wise operation is a flat ``out=`` operation on a tile.
-* **Reductions.**  Sums run in the input's dtype over short *runs* (at most
-  ``ROW_RUN`` contiguous values, by BLAS dot products through ``np.vecdot``;
-  or ``COL_RUN`` rows, by ``add.reduce``/``einsum``, for ``(N, C)`` input) into
-  a small array of run partials, which is summed in float64 at the end.  A
-  float32 run of a few hundred values loses at most a few units in the last
-  place; float64 takes it from there, as in ``moments.py``.
-* **Threads.**  NumPy releases the GIL inside its loops, so tiles are shared
-  out to ``num_threads()`` threads (``MINIBN_NUM_THREADS``, default: the
-  CPUs this process may use).  Each tile's results go to its own place, and
-  the float64 totals are summed in a fixed order: the results do not depend
-  on the number of threads.
-* **No fresh work memory.**  Maps, scratch tiles and run partials live in
-  per-thread buffers reused from call to call (a fresh large array costs a
-  page fault per 4 KiB on first touch, which here is more than the
-  arithmetic).
+  spatial sizes) and cut into tiles of about ``TILE_BYTES``; all operations
+  of a pass run on one tile before the next, so the second and later ones
+  find it in cache.
+* **Maps.**  A NumPy binary operation is fastest when its operands are
+  contiguous and of equal size.  When many tiles share them, per-channel
+  constants are expanded once per call into *maps* that line up element by
+  element with a tile (``a[c]`` repeated ``S`` times, for the samples of a
+  tile); otherwise a map of one sample is broadcast over the tile's rows.
+* **Reductions.**  Sums run in the input's dtype over short runs only: at
+  most ``ROW_RUN`` contiguous values (BLAS dot products through
+  ``np.vecdot``), or ``COL_RUN`` rows for ``(N, C)``-like input
+  (``add.reduce``/``einsum`` down the columns).  The run sums are added up in
+  float64.  A float32 run of a few hundred values loses at most a few units
+  in the last place; float64 takes it from there, as in ``moments.py``.
+* **Threads.**  NumPy releases the GIL inside its loops, so for large inputs
+  the tiles are shared out to ``num_threads()`` threads
+  (``MINIBN_NUM_THREADS``, default: the CPUs this process may use).  Every
+  tile writes its sums to its own place and the float64 totals are added in
+  a fixed order: results do not depend on the number of threads.
+* **No fresh memory.**  Maps, scratch tiles and run sums live in per-thread
+  buffers reused from call to call, and large outputs are recycled once
+  their user has dropped them (``_new_output``): on a virtual machine, the
+  page faults of a fresh large array cost as much as the arithmetic of a pass.
 
 Two layouts: ``rows`` (``S >= ROW_MIN``) reduces along the contiguous spatial
 rows of each ``(n, c)``; ``cols`` (``(N, C)`` input and short rows) views the
 input as ``(N, C*S)`` and reduces down the columns.
 
 Which path runs: :func:`batch_norm_forward`, :func:`batch_norm_eval_forward`,
-:func:`batch_norm_backward` and :func:`channel_moments` have the signatures of
-their counterparts in ``functional.py``/``moments.py`` and return the same
-numbers (to rounding).  They take the readable path when it is selected
-(``MINIBN_KERNELS=reference``, ``use_fast_kernels(False)`` or ``with
-reference_kernels():``), for dtypes other than float32/float64, for NumPy
-inputs smaller than ``REFERENCE_BELOW`` elements (where the readable code is
-as fast), and for array modules other than NumPy and CuPy.  CuPy arrays go to
-the fused GPU kernels of ``kernels_cupy.py``.
+:func:`batch_norm_backward` and :func:`channel_moments` have the signatures
+and errors of their counterparts in ``functional.py``/``moments.py`` and
+return the same numbers, to rounding.  They take the readable path when it is
+selected (``MINIBN_KERNELS=reference`` in the environment, or, for the whole
+process, ``use_fast_kernels(False)`` / ``with reference_kernels():``), for
+dtypes other than float32/float64, for NumPy inputs of fewer than
+``REFERENCE_BELOW`` elements (where the readable code is as fast), and for
+array modules other than NumPy and CuPy.  CuPy arrays go to the fused GPU
+kernels of ``kernels_cupy.py``.
 """
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -81,11 +84,12 @@ __all__ = [
     "batch_norm_forward", "batch_norm_eval_forward", "batch_norm_backward", "channel_moments",
     "KernelCache", "use_fast_kernels", "fast_kernels_enabled", "reference_kernels",
     "num_threads", "set_num_threads", "forward_coefficients", "backward_coefficients",
+    "release_buffers",
 ]
 
 # --------------------------------------------------------------------------- tunables
 
-TILE_BYTES = 1 << 20          # bytes per array and tile: the arrays of one pass fit in L2
+TILE_BYTES = 1 << 20          # bytes per array and tile
 ROW_RUN = 256                 # rows layout: float32 dot products over at most this many values
 COL_RUN = 8                   # cols layout: float32 sums down at most this many rows
 ROW_MIN = 32                  # spatial rows shorter than this use the cols layout
@@ -93,12 +97,16 @@ MAP_MIN_N = 4                 # expand per-channel constants into maps when N >=
 MAP_MAX_BYTES = 1 << 21       # ... and one sample (C * S values) is at most this big
 MAP_TILES_MIN = 8             # maps covering several samples: only if this many tiles use them
 MAP_ROW_MAX = 1 << 14         # ... and rows are shorter than this (else broadcasting is as fast)
-PARALLEL_MIN_BYTES = 1 << 17  # below this, one thread (a thread hand-off costs ~10 us)
+PARALLEL_MIN_BYTES = 1 << 21  # below this, one thread (hand-offs and the GIL cost more than they save)
 SMALL_BYTES = 1 << 16         # inputs up to this size are one tile with broadcasting constants
 REFERENCE_BELOW = 16384       # NumPy inputs with fewer elements take the readable path
-SHIFT_SAMPLE = 16             # rows (cols layout) or row prefixes (rows layout) looked at to choose the shift
+SHIFT_SAMPLE = 64             # values per channel looked at to choose the shift
+DIRECT_RATIO = 0.5            # no shift when the sample's |mean| / std is below this in every channel
 REDO_RATIO = 1.0              # redo the statistics pass when |mean - shift| > REDO_RATIO * std
-SHIFT_RATIO = 4.0             # given statistics: subtract the mean first when |mean| / std > this
+SHIFT_RATIO = 2.0             # given statistics: subtract the mean first when |mean| / std > this
+RECYCLE_MIN_BYTES = 1 << 20   # outputs at least this big are recycled once their user drops them
+RECYCLE_KEEP = 3              # ... keeping at most this many per shape and dtype
+RECYCLE_SHAPES = 8            # ... for at most this many shapes
 
 _FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -194,7 +202,11 @@ def _buffer(name, n, dtype):
     The next request under the same name (in the same thread) returns the same
     memory: a caller uses a buffer only until its next call.
     """
-    bufs = _local.__dict__.setdefault("buffers", {})
+    bufs = _local.__dict__.get("buffers")
+    if bufs is None:
+        bufs = _local.buffers = {}
+        with _outputs_lock:
+            _all_buffers.append(bufs)
     key = (name, np.dtype(dtype).char)
     buf = bufs.get(key)
     if buf is None or buf.size < n:
@@ -202,21 +214,55 @@ def _buffer(name, n, dtype):
     return buf[:n]
 
 
-class _OnesCache:
-    """Vectors of ones for the dot products that sum runs (read-only, shared)."""
-
-    def __init__(self):
-        self._d = {}
-
-    def get(self, n, dtype):
-        key = (n, np.dtype(dtype).char)
-        v = self._d.get(key)
-        if v is None:
-            v = self._d[key] = np.ones(n, dtype=dtype)
-        return v
+_outputs = {}                     # (shape, dtype) -> arrays handed out before
+_outputs_lock = threading.Lock()
+_all_buffers = []                 # every thread's work-buffer dict
 
 
-_ONES = _OnesCache()
+def _new_output(like):
+    """An uninitialized array shaped like ``like``, for ``y`` or ``dx``.
+
+    Writing a fresh large array costs a page fault per 4 KiB page on first
+    touch (on this kind of machine as much as the arithmetic of the whole
+    pass).  So large outputs are recycled: an array handed out earlier is
+    handed out again once nothing else refers to it -- its reference count
+    (which every view, memoryview or wrapping array adds to) shows that only
+    this cache holds it, and it still has its shape, dtype and flags.
+    """
+    if like.nbytes < RECYCLE_MIN_BYTES or not hasattr(sys, "getrefcount"):
+        return np.empty_like(like)
+    key = (like.shape, like.dtype.str)
+    with _outputs_lock:
+        kept = _outputs.pop(key, [])
+        _outputs[key] = kept                      # most recently used shape last
+        for buf in kept:
+            # references: the list, ``buf`` and getrefcount's argument -> 3 when unused
+            if sys.getrefcount(buf) == 3 and buf.shape == like.shape and buf.dtype == like.dtype \
+                    and buf.flags.c_contiguous and buf.flags.writeable and buf.base is None:
+                return buf
+        buf = np.empty(like.shape, dtype=like.dtype)
+        if len(kept) < RECYCLE_KEEP:
+            kept.append(buf)
+        while len(_outputs) > RECYCLE_SHAPES:
+            del _outputs[next(iter(_outputs))]
+        return buf
+
+
+def release_buffers():
+    """Forget the recycled outputs and every thread's work buffers (their memory is
+    freed once nothing else refers to them).  Call it between kernel calls."""
+    with _outputs_lock:
+        _outputs.clear()
+        for bufs in _all_buffers:
+            bufs.clear()
+
+
+@lru_cache(maxsize=64)
+def _ones(n, dtype):
+    """A vector of ones: ``vecdot(run, ones)`` is the BLAS sum of a run (shared, read-only)."""
+    v = np.ones(n, dtype=dtype)
+    v.flags.writeable = False
+    return v
 
 
 # --------------------------------------------------------------------------- tiling
@@ -240,9 +286,10 @@ class _Tile:
     """One block of the input and where its results go.
 
     ``ew`` indexes the plan's element-wise view and ``mp`` the maps (they line
-    up element by element); ``red`` indexes the reduction view; ``parts``
-    lists the pieces of the reduction: ``(index into the tile's reduction
-    view, run length, index into the run-partials array)``.
+    up element by element); ``red`` indexes the reduction view.  ``parts``
+    says where the tile's sums go: in the rows layout a list of ``(index
+    into the tile, run length, index into the run sums)``, in the cols
+    layout ``(full runs, rows left over, run sums, partial row, columns)``.
     """
     __slots__ = ("ew", "mp", "red", "parts", "size", "ew_shape", "red_shape")
 
@@ -256,9 +303,13 @@ class _Plan:
     """How an input shape is cut into tiles, and the tiles shared among threads.
 
     Reduction view: ``(N, C, S)`` (rows layout) or ``(N, W)`` with ``W = C*S``
-    (cols layout); run partials: ``(N, C, runs per row)`` or ``(row runs, W)``.
-    Element-wise view: the flat array when every tile is a contiguous segment
-    (constants as maps), else the reduction view (constants broadcast).
+    (cols layout).  Partial sums: the run sums ``(N, C, runs per row)`` in the
+    dtype (rows layout), or one float64 row per block of tile rows,
+    ``(row blocks, W)`` (cols layout).  Element-wise view: the flat array when
+    every tile is a contiguous segment lined up with the maps; ``(N, C*S)``
+    when a one-sample map is broadcast over a tile's rows; ``(N, C, S)`` when
+    the constants are ``(C, 1)`` columns (small inputs, or very long samples
+    of a small batch).
     """
 
     def __init__(self, shape, itemsize, threads):
@@ -275,7 +326,8 @@ class _Plan:
         if self.cols:
             W = C * S
             self.red_shape = (N, W)
-            self.part_shape = (-(-N // COL_RUN), W)
+            self._rows_per_tile = max(N, 1)         # (one tile of all rows unless set below)
+            self.part_shape = (1 if N else 0, W)
         else:
             self.red_shape = (N, C, S)
             run, full, rest = _row_runs(S)
@@ -293,10 +345,14 @@ class _Plan:
             W = C * S
             if W <= tile:         # whole rows
                 nb = min(N, max(COL_RUN, tile // W // COL_RUN * COL_RUN))
+                self._rows_per_tile = nb
+                self.part_shape = (-(-N // nb), W)
                 self._whole_rows(N, W, nb, (slice(None),))
             else:                 # very wide rows: 2-D blocks, maps of one row broadcast
                 self.ew_shape = (N, W)
                 nb, wb = 4 * COL_RUN, max(1, tile // (4 * COL_RUN))
+                self._rows_per_tile = nb
+                self.part_shape = (-(-N // nb), W)
                 for n0 in range(0, N, nb):
                     for w0 in range(0, W, wb):
                         n1, w1 = min(N, n0 + nb), min(W, w0 + wb)
@@ -336,10 +392,10 @@ class _Plan:
             groups[min(n - 1, acc * n // max(total, 1))].append(t)
             acc += t.size
         self.groups = [g for g in groups if g] or [[]]
-        if self.cols:
+        if self.cols:             # the first rows; or the first values of the first two samples
             self.sample = (slice(0, min(N, SHIFT_SAMPLE)), slice(None))
         else:
-            self.sample = (slice(0, min(N, 2)), slice(None), slice(0, min(S, SHIFT_SAMPLE)))
+            self.sample = (slice(0, min(N, 2)), slice(None), slice(0, min(S, SHIFT_SAMPLE // 2)))
 
     def _whole_rows(self, N, W, nb, rest):
         """Tiles of ``nb`` whole rows (samples) of ``W`` values.
@@ -369,14 +425,11 @@ class _Plan:
         red_shape = tuple(b - a for a, b in bounds)
         parts = []
         if self.cols:
+            # runs of COL_RUN rows in the dtype, then the tile's run sums added up in float64
+            # into row ``n0 // nb`` of the partials (tiles of one column block have nb rows)
             (n0, n1), (w0, w1) = bounds
-            full = (n1 - n0) // COL_RUN * COL_RUN
-            j0 = n0 // COL_RUN                       # tiles start on run boundaries
-            if full:
-                parts.append(((slice(0, full), slice(None)), COL_RUN,
-                              (slice(j0, j0 + full // COL_RUN), slice(w0, w1))))
-            if full < n1 - n0:
-                parts.append(((slice(full, None), slice(None)), 0, (j0 + full // COL_RUN, slice(w0, w1))))
+            full1, rest1 = divmod(n1 - n0, COL_RUN)
+            parts = (full1, rest1, full1 + (rest1 > 0), n0 // self._rows_per_tile, slice(w0, w1))
         else:
             (n0, n1), (c0, c1), (s0, s1) = bounds
             run, nfull, rest = _row_runs(self.S)
@@ -418,16 +471,19 @@ class _Plan:
         return out
 
     def partials(self, dtype, n=1):
-        """``n`` arrays for the run partials of a pass (per-thread buffers)."""
+        """``n`` arrays for the partial sums of a pass (per-thread buffers): the run sums in
+        ``dtype`` (rows layout), or each tile's float64 sums (cols layout)."""
         size = int(np.prod(self.part_shape))
+        dtype = np.float64 if self.cols else dtype
         return [_buffer(f"parts{i}", size, dtype).reshape(self.part_shape) for i in range(n)]
 
     def fold(self, parts):
-        """Run partials -> ``(C,)`` float64 per-channel sums."""
+        """Partial sums -> ``(C,)`` float64 per-channel sums."""
         if self.cols:
-            s = parts.sum(axis=0, dtype=np.float64)
+            s = parts.sum(axis=0)
             return s.reshape(self.C, self.S).sum(axis=1) if self.S > 1 else s
-        return parts.sum(axis=(0, 2), dtype=np.float64)
+        N, C, R = parts.shape
+        return np.add.reduce(parts.reshape(N, C * R), axis=0, dtype=np.float64).reshape(C, R).sum(axis=1)
 
 
 @lru_cache(maxsize=64)
@@ -470,29 +526,36 @@ def _run(plan, fn, scratch_dtype=None):
 
 
 def _reduce(plan, t, a, b, out):
-    """Run partials of ``sum(a)`` (``b`` is None) or ``sum(a * b)`` over tile ``t`` into ``out``.
+    """Partial sums of ``sum(a)`` (``b`` is None) or ``sum(a * b)`` over tile ``t`` into ``out``.
 
     ``a``/``b`` are the tile in the reduction view; float32 data is summed in
-    float32 over each run only.
+    float32 over each run only.  (Even for data centred on zero a long float32
+    sum is not safe: clustered data makes partial sums large.)
     """
-    for idx, run, dest in t.parts:
-        aa = a[idx]
-        bb = b[idx] if b is not None else None
-        if plan.cols:
-            if run:                                   # (q, COL_RUN, wb) -> (q, wb)
-                shp = (aa.shape[0] // run, run, aa.shape[1])
-                if bb is None:
-                    np.add.reduce(aa.reshape(shp), axis=1, out=out[dest])
-                else:
-                    np.einsum("ijk,ijk->ik", aa.reshape(shp), bb.reshape(shp), out=out[dest])
-            elif bb is None:                          # the last, shorter run
-                np.add.reduce(aa, axis=0, out=out[dest])
+    if plan.cols:
+        full1, rest1, rows1, k, cols = t.parts
+        wb = a.shape[1]
+        level1 = _buffer("level1", rows1 * wb, a.dtype).reshape(rows1, wb)
+        r = COL_RUN
+        if full1:                                     # (full1, r, wb) -> (full1, wb)
+            shp = (full1, r, wb)
+            if b is None:
+                np.add.reduce(a[:full1 * r].reshape(shp), axis=1, out=level1[:full1])
             else:
-                np.einsum("ij,ij->j", aa, bb, out=out[dest])
-        else:                                         # (nb, cb, L) -> (nb, cb, L / run)
-            shp = aa.shape[:-1] + (aa.shape[-1] // run, run)
-            np.vecdot(aa.reshape(shp), _ONES.get(run, aa.dtype) if bb is None else bb.reshape(shp),
-                      out=out[dest])
+                np.einsum("ijk,ijk->ik", a[:full1 * r].reshape(shp), b[:full1 * r].reshape(shp),
+                          out=level1[:full1])
+        if rest1:                                     # the last, shorter run of rows
+            if b is None:
+                np.add.reduce(a[full1 * r:], axis=0, out=level1[full1])
+            else:
+                np.einsum("ij,ij->j", a[full1 * r:], b[full1 * r:], out=level1[full1])
+        np.add.reduce(level1, axis=0, dtype=np.float64, out=out[k, cols])
+        return
+    for idx, run, dest in t.parts:                    # (nb, cb, L) -> (nb, cb, L / run)
+        aa = a[idx]
+        shp = aa.shape[:-1] + (aa.shape[-1] // run, run)
+        np.vecdot(aa.reshape(shp), _ones(run, aa.dtype) if b is None else b[idx].reshape(shp),
+                  out=out[dest])
 
 
 # --------------------------------------------------------------------------- per-channel constants
@@ -609,10 +672,11 @@ class _NumpyKernels:
             mean = shift + mean(d)          var = mean(d^2) - mean(d)^2
 
         loses nothing while ``|mean(d)|`` is at most about one standard
-        deviation.  The shift is chosen from a few values per channel (the
-        first ``SHIFT_SAMPLE`` rows, or row prefixes): if their mean is within one of their standard deviations of
-        zero there is no shift and the pass only reads ``x``; otherwise the
-        shift is their mean rounded to the dtype and ``d`` is formed tile by
+        deviation.  The shift is chosen from ``SHIFT_SAMPLE`` values per channel
+        (the first rows, or the first values of the first two samples): if their
+        mean is within ``DIRECT_RATIO`` of their standard deviations of zero in
+        every channel there is no shift and the pass only reads ``x``; otherwise
+        the shift is their mean rounded to the dtype and ``d`` is formed tile by
         tile (into ``out`` when given, and left there for the caller).  If the
         sample was unrepresentative (sorted data, a drift across the batch) and
         ``|mean(d)| > REDO_RATIO * std`` for some channel, the pass is repeated
@@ -623,14 +687,20 @@ class _NumpyKernels:
         if m == 0 or x.size == 0:
             z = np.zeros(C)
             return m, z, z.copy(), None
-        sample = plan.red_view(x)[plan.sample].astype(np.float64)
-        axes = 0 if plan.cols else (0, 2)
-        guess = sample.mean(axis=axes)
-        spread = np.square(sample).mean(axis=axes) - guess * guess
+        sample = plan.red_view(x)[plan.sample]          # rough numbers are enough here
+        if plan.cols:
+            n_s = sample.shape[0]
+            s1, s2 = np.add.reduce(sample, axis=0), np.einsum("ij,ij->j", sample, sample)
+        else:
+            n_s = sample.shape[0] * sample.shape[2]
+            s1, s2 = sample.sum(axis=(0, 2)), np.einsum("ijk,ijk->j", sample, sample)
+        guess = s1.astype(np.float64) / n_s
+        spread = s2.astype(np.float64) / n_s - guess * guess
         if plan.cols and plan.S > 1:
             guess = guess.reshape(C, plan.S).mean(axis=1)
             spread = spread.reshape(C, plan.S).mean(axis=1)
-        shift = None if np.all(guess * guess <= spread) else guess.astype(x.dtype).astype(np.float64)
+        centred = np.all(guess * guess <= DIRECT_RATIO * DIRECT_RATIO * spread)
+        shift = None if centred else guess.astype(x.dtype).astype(np.float64)
         for _ in range(2):
             s_d, s_d2 = cls._shifted_sums(plan, x, shift, out)
             dmean = s_d / m
@@ -645,7 +715,7 @@ class _NumpyKernels:
     @classmethod
     def forward_train(cls, x, weight, bias, eps):
         """Training forward with this batch's statistics: ``(y, cache)``."""
-        y = np.empty_like(x)
+        y = _new_output(x)
         count, mean, var, shift = cls.moments(x, y)      # y holds x - shift if there is a shift
         inv_std, a, b = forward_coefficients(np, mean, var, shift if shift is not None else 0.0,
                                              weight, bias, eps)
@@ -683,7 +753,7 @@ class _NumpyKernels:
         shift = cls._shift_for(x, mean, 1.0 / np.sqrt(var + eps))
         inv_std, a, b = forward_coefficients(np, mean, var, shift if shift is not None else 0.0,
                                              weight, bias, eps)
-        y = np.empty_like(x)
+        y = _new_output(x)
         plan = _plan(x)
         xe, ye = plan.ew_view(x), plan.ew_view(y)
         if shift is None:
@@ -714,7 +784,7 @@ class _NumpyKernels:
         """
         x = cache.x
         plan = _plan(x)
-        dx = np.empty_like(dy)
+        dx = _new_output(dy)
         xe, dye, dxe = plan.ew_view(x), plan.ew_view(dy), plan.ew_view(dx)
         xr, dyr, dxr = plan.red_view(x), plan.red_view(dy), plan.red_view(dx)
         weight = cache.weight

@@ -18,9 +18,9 @@ input's dtype, like the CPU path.
 
 The shift of the statistics pass is the mean of the first samples (see
 ``kernels._NumpyKernels.moments``).  On the GPU the sums are float64 all the
-way, so a shift that is off by even thousands of standard deviations costs
-only a few of float64's sixteen digits; unlike the CPU path no second pass is
-needed, and nothing waits for the host.
+way, so even a shift a thousand standard deviations off leaves about ten
+correct digits of the variance; unlike the CPU path no second pass is needed,
+and nothing waits for the host.
 
 The per-channel constants come from ``kernels.forward_coefficients`` and
 ``kernels.backward_coefficients``, the same functions the NumPy kernels use,

@@ -511,3 +511,140 @@ def test_bench_syncbn_rows_under_mpiexec(tiling):
     # one forward and one backward collective per step, the same O(C) payload for any P
     assert all(r["calls"] == 2 for r in rows)
     assert rows[0]["bytes_per_rank"] == rows[1]["bytes_per_rank"] > 0
+
+
+# --------------------------------------------------------------------------- recycled outputs
+
+def test_outputs_are_recycled_only_when_nobody_holds_them(monkeypatch, tiling):
+    """A large output is handed out again once dropped -- never while anything refers to it."""
+    if tiling != "default":
+        pytest.skip("independent of the tiling")
+    monkeypatch.setattr(K, "RECYCLE_MIN_BYTES", 1024)
+    K.release_buffers()
+    x, dy, w, b = _data((64, 4, 100), np.float32, seed=31)
+    x2 = x[::-1].copy()
+    y1, _ = K.batch_norm_forward(x, w, b)
+    first = y1.copy()
+    view = y1[:3]                                    # a view keeps the memory in use
+    y2, _ = K.batch_norm_forward(x2, w, b)
+    assert y2 is not y1 and not np.shares_memory(y2, y1)
+    np.testing.assert_array_equal(view, first[:3])
+    mv = memoryview(y1)                              # so does a memoryview (or any wrapping array)
+    del view
+    y3, _ = K.batch_norm_forward(x2, w, b)
+    assert not np.shares_memory(y3, y1)
+    del mv
+    y1.shape = (64, 400)                             # reshaped in place by its user: not reused
+    del y2, y3
+    y4, _ = K.batch_norm_forward(x, w, b)
+    assert y4.shape == x.shape and not np.shares_memory(y4, y1)
+    np.testing.assert_array_equal(y4, first)
+    del y1
+    y5, _ = K.batch_norm_forward(x2, w, b)           # y1 (reshaped) is skipped, y2 or y3 reused
+    y_ref, _ = F.batch_norm_forward(x2, w, b)
+    np.testing.assert_allclose(y5, y_ref, rtol=1e-5, atol=1e-5)
+    K.release_buffers()
+
+
+def test_recycled_output_is_the_same_array_after_it_was_dropped(monkeypatch, tiling):
+    if tiling != "default":
+        pytest.skip("independent of the tiling")
+    monkeypatch.setattr(K, "RECYCLE_MIN_BYTES", 1024)
+    K.release_buffers()
+    x, dy, w, b = _data((64, 4, 100), np.float32, seed=32)
+    y, cache = K.batch_norm_forward(x, w, b)
+    address = y.__array_interface__["data"][0]
+    del y
+    y_again, _ = K.batch_norm_forward(x, w, b)
+    assert y_again.__array_interface__["data"][0] == address
+    dx, _, _ = K.batch_norm_backward(dy, cache)
+    assert not np.shares_memory(dx, y_again)
+    K.release_buffers()
+
+
+# --------------------------------------------------------------------------- the CuPy glue, on the CPU
+
+class _FakeCupy:
+    """Just enough of CuPy's array API, on NumPy, to run kernels_cupy's host-side code."""
+    zeros = staticmethod(np.zeros)
+    empty_like = staticmethod(np.empty_like)
+    maximum = staticmethod(np.maximum)
+    multiply = staticmethod(np.multiply)
+    asarray = staticmethod(np.asarray)
+    sqrt = staticmethod(np.sqrt)
+
+
+def _fake_kernel(name):
+    """NumPy versions of the four CUDA kernels, written from their expressions."""
+    def moments(x, shift, axis):
+        d = x.astype(np.float64) - shift
+        return d.sum(axis=axis), (d * d).sum(axis=axis)
+
+    def grad_sums(dy, x, mean, axis):
+        dy64 = dy.astype(np.float64)
+        return dy64.sum(axis=axis), (dy64 * (x.astype(np.float64) - mean)).sum(axis=axis)
+
+    def affine(x, shift, a, b, y):
+        y[...] = (x - shift) * a + b
+
+    def grad(dy, x, mean, k, c0, c3, dx):
+        dx[...] = k * (dy - c0 - c3 * (x - mean))
+
+    return {"moments": moments, "grad_sums": grad_sums, "affine": affine, "grad": grad}[name]
+
+
+@pytest.mark.parametrize("loc", [0.0, 1e4])
+@pytest.mark.parametrize("shape", [(300, 17), (4, 6, 16, 16), (2, 2, 1021)], ids=lambda s: "x".join(map(str, s)))
+def test_cupy_host_code_with_numpy_standing_in(ref, monkeypatch, shape, loc, tiling):
+    """kernels_cupy's statistics, constants, reduce hook and eval path, with the GPU kernels
+    replaced by NumPy versions of their expressions (the real ones run in test_kernels_gpu.py)."""
+    if tiling != "default":
+        pytest.skip("independent of the tiling")
+    monkeypatch.setattr(kernels_cupy, "cupy", _FakeCupy)
+    monkeypatch.setattr(kernels_cupy, "_get", _fake_kernel)
+    x, dy, w, b = _data(shape, np.float32, loc=loc, seed=41)
+    m, mu, var = ref.stats(x)
+    count, mean, v, _ = kernels_cupy.moments(x)
+    assert count == m
+    assert np.max(np.abs(v - var) / var) < 1e-7
+    y, cache = kernels_cupy.forward_train(x, w, b, EPS)
+    dx, dw, db = kernels_cupy.backward(dy, cache)
+    y_ref, x_hat = ref.forward(x, w, b, EPS)
+    dx_ref, dw_ref, db_ref = ref.backward(dy, x, w, EPS)
+    assert _max_err(y, y_ref) <= 2e-6 * np.abs(y_ref).max()
+    assert _max_err(dx, dx_ref) <= 1e-5 * np.abs(dx_ref).max() + 1e-6
+    assert _max_err(dw, dw_ref) <= 1e-5 * np.abs(dw_ref).max() + 1e-4
+    assert _max_err(db, db_ref) <= 1e-5 * np.abs(db_ref).max() + 1e-4
+    # given statistics and a reduce hook, as SyncBatchNorm uses them
+    reduce = lambda s1, s2: (2 * s1, 2 * s2)                            # noqa: E731
+    y2, inv_std = kernels_cupy.normalize(x, mu, var, w, b, EPS)
+    assert _max_err(y2, y_ref) <= 2e-6 * np.abs(y_ref).max()
+    cache2 = K.KernelCache(x, mu, var, inv_std, w, EPS, 2 * m)
+    dx2, dw2, db2 = kernels_cupy.backward(dy, cache2, reduce=reduce)
+    dx2_f, dw2_f, db2_f = F.batch_norm_backward(dy, K.KernelCache(x, mu, var, inv_std, w, EPS, 2 * m),
+                                                reduce=reduce)
+    # (the readable path rounds the mean to float32 before subtracting: allow for that)
+    quant = np.finfo(np.float32).eps * (np.abs(mu).max() + 4) / np.sqrt(var.min() + EPS)
+    scale = np.abs(dy).max() * np.abs(w).max() / np.sqrt(var.min() + EPS)
+    assert _max_err(dx2, dx2_f) <= 1e-5 * np.abs(dx2_f).max() + 4 * quant * scale
+    assert _max_err(dw2, dw2_f) <= 1e-5 * np.abs(dw2_f).max() + quant * np.abs(dy).sum()
+    # eval mode: no reduction, dx = dy * gamma / sqrt(var + eps)
+    frozen = K.KernelCache(x, mu, var, inv_std, w, EPS, m, frozen=True)
+    dx3, _, _ = kernels_cupy.backward(dy, frozen, reduce=lambda *a: pytest.fail("eval mode reduced"))
+    istd = 1 / np.sqrt(var + EPS)
+    assert _max_err(dx3, dy * (w * istd).reshape(ref.bshape(x.ndim))) <= 1e-6 * np.abs(dx3).max()
+
+
+def test_cupy_host_code_large_mean_correlated_dy(ref, monkeypatch, tiling):
+    if tiling != "default":
+        pytest.skip("independent of the tiling")
+    monkeypatch.setattr(kernels_cupy, "cupy", _FakeCupy)
+    monkeypatch.setattr(kernels_cupy, "_get", _fake_kernel)
+    x, _, w, b = _data((64, 3, 256), np.float32, loc=1e4, seed=8)
+    _, x_hat = ref.forward(x)
+    dy = (x_hat + x_hat ** 2).astype(np.float32)
+    y, cache = kernels_cupy.forward_train(x, w, b, EPS)
+    dx, dw, db = kernels_cupy.backward(dy, cache)
+    dx_ref, dw_ref, _ = ref.backward(dy, x, w, EPS)
+    assert _max_err(dx, dx_ref) <= 1e-5 * np.abs(dx_ref).max()
+    assert _max_err(dw, dw_ref) <= 1e-6 * np.abs(dw_ref).max()
