@@ -148,7 +148,8 @@ class SyncBatchNorm(_BatchNorm):
     process it computes exactly what ``BatchNorm1d/2d/3d`` computes.
     """
 
-    _rank_words = "(N, C, *) input with at least 2 dimensions"
+    _ranks = None
+    _rank_words = "at least 2-dimensional (N, C, *)"
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, affine: bool = True,
                  track_running_stats: bool = True, comm=None, dtype=None):
@@ -159,15 +160,6 @@ class SyncBatchNorm(_BatchNorm):
 
     def extra_repr(self):
         return super().extra_repr() + f", ranks={self.comm.size}"
-
-    def _check_input(self, x):
-        F.check_floating(x, f"{type(self).__name__} input")
-        if x.ndim < 2:
-            raise ValueError(f"{type(self).__name__}: expected {self._rank_words}, "
-                             f"got {x.ndim}-D input of shape {tuple(x.shape)}")
-        if x.shape[1] != self.num_features:
-            raise ValueError(f"{type(self).__name__}: expected {self.num_features} channels "
-                             f"(input.shape[1]), got input of shape {tuple(x.shape)}")
 
     # -- forward / backward: BatchNorm's, with an empty local batch allowed -------
     def forward(self, x):

@@ -218,16 +218,8 @@ class Constant(MomentumSchedule):
         return self.value
 
 
-class LinearDecay(MomentumSchedule):
-    """The article's linear decay, held at ``end`` once ``total_steps`` batches are done::
-
-        momentum(t) = start - (t / total_steps) * (start - end)     for t <= total_steps
-        momentum(t) = end                                            for t >  total_steps
-
-    The article's ``max(0.9 - epoch / 50, 0.1)`` is ``LinearDecay(start=0.9,
-    end=0.1, total_steps=40)`` (the two agree to within one float64 rounding, 1e-16).
-    ``end > start`` makes a linear *increase*, which is allowed.
-    """
+class _StartEndSchedule(MomentumSchedule):
+    """A schedule that goes from ``start`` to ``end`` in ``total_steps`` batches, then stays at ``end``."""
 
     _hparams = ("start", "end", "total_steps")
 
@@ -238,6 +230,18 @@ class LinearDecay(MomentumSchedule):
     def _validated(self, s):
         return {"start": _check_momentum(s["start"], "start"), "end": _check_momentum(s["end"], "end"),
                 "total_steps": _check_steps(s["total_steps"])}
+
+
+class LinearDecay(_StartEndSchedule):
+    """The article's linear decay, held at ``end`` once ``total_steps`` batches are done::
+
+        momentum(t) = start - (t / total_steps) * (start - end)     for t <= total_steps
+        momentum(t) = end                                            for t >  total_steps
+
+    The article's ``max(0.9 - epoch / 50, 0.1)`` is ``LinearDecay(start=0.9,
+    end=0.1, total_steps=40)`` (the two agree to within one float64 rounding, 1e-16).
+    ``end > start`` makes a linear *increase*, which is allowed.
+    """
 
     def momentum_at(self, step):
         if step >= self.total_steps:
@@ -278,7 +282,7 @@ class ExponentialDecay(MomentumSchedule):
         return value if self.floor is None else max(value, self.floor)
 
 
-class Cosine(MomentumSchedule):
+class Cosine(_StartEndSchedule):
     """Half a cosine from ``start`` to ``end`` over ``total_steps`` batches, then ``end``::
 
         momentum(t) = end + (start - end) * (1 + cos(pi * t / total_steps)) / 2    t <= total_steps
@@ -286,16 +290,6 @@ class Cosine(MomentumSchedule):
     It stays near ``start`` longer than the linear decay, then falls faster in
     the middle, and flattens out before reaching ``end``.
     """
-
-    _hparams = ("start", "end", "total_steps")
-
-    def __init__(self, model, start: float, end: float, total_steps: int):
-        self._configure(start=start, end=end, total_steps=total_steps)
-        super().__init__(model)
-
-    def _validated(self, s):
-        return {"start": _check_momentum(s["start"], "start"), "end": _check_momentum(s["end"], "end"),
-                "total_steps": _check_steps(s["total_steps"])}
 
     def momentum_at(self, step):
         if step >= self.total_steps:

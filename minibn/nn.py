@@ -272,7 +272,35 @@ def _check_dtype_arg(dtype):
     return dtype
 
 
-class _BatchNorm(Module):
+class _RunningStats:
+    """The running-statistics buffers that BatchNorm and InstanceNorm share (PyTorch's names).
+
+    ``running_mean`` starts at 0, ``running_var`` at 1, ``num_batches_tracked``
+    at 0; without ``track_running_stats`` all three are ``None``.
+    """
+
+    def _init_running_stats(self, dtype):
+        xp, C = get_backend(), self.num_features
+        if self.track_running_stats:
+            self.register_buffer("running_mean", xp.zeros(C, dtype=dtype))
+            self.register_buffer("running_var", xp.ones(C, dtype=dtype))
+            self.register_buffer("num_batches_tracked", xp.zeros((), dtype=np.int64))
+        else:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                self.register_buffer(name, None)
+
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked[...] = 0
+
+    def extra_repr(self):
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+
+
+class _BatchNorm(_RunningStats, Module):
     """Shared by BatchNorm1d/2d/3d (and SyncBatchNorm): they differ only in the input ranks.
 
     Training mode normalizes with the batch statistics of each channel (biased
@@ -295,7 +323,7 @@ class _BatchNorm(Module):
     empty ``dx`` and zero parameter gradients.
     """
 
-    _ranks: Tuple[int, ...] = ()
+    _ranks: Optional[Tuple[int, ...]] = ()     # accepted input ranks; None: any rank >= 2
     _rank_words = ""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
@@ -319,13 +347,7 @@ class _BatchNorm(Module):
         else:
             self._parameters["weight"] = None
             self._parameters["bias"] = None
-        if self.track_running_stats:
-            self.register_buffer("running_mean", xp.zeros(C, dtype=dtype))
-            self.register_buffer("running_var", xp.ones(C, dtype=dtype))
-            self.register_buffer("num_batches_tracked", xp.zeros((), dtype=np.int64))
-        else:
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                self.register_buffer(name, None)
+        self._init_running_stats(dtype)
         object.__setattr__(self, "_cache", None)
 
     # momentum is the article's alpha: a number in [0, 1], or None (cumulative average)
@@ -348,20 +370,10 @@ class _BatchNorm(Module):
         else:
             super().__setattr__(name, value)
 
-    def extra_repr(self):
-        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
-
-    def reset_running_stats(self):
-        if self.track_running_stats:
-            self.running_mean[...] = 0
-            self.running_var[...] = 1
-            self.num_batches_tracked[...] = 0
-
     # -- input checks --------------------------------------------------------
     def _check_input(self, x):
         F.check_floating(x, f"{type(self).__name__} input")
-        if x.ndim not in self._ranks:
+        if (x.ndim < 2) if self._ranks is None else (x.ndim not in self._ranks):
             raise ValueError(f"{type(self).__name__}: expected {self._rank_words} input, "
                              f"got {x.ndim}-D input of shape {tuple(x.shape)}")
         if x.shape[1] != self.num_features:
@@ -711,7 +723,7 @@ def _check_instance_momentum(momentum):
     return float(momentum)
 
 
-class _InstanceNorm(_SampleNorm):
+class _InstanceNorm(_RunningStats, _SampleNorm):
     """Instance norm: one mean and variance per (sample, channel), over the spatial axes.
 
     PyTorch's defaults and rules: ``affine=False``, ``track_running_stats=False``;
@@ -741,25 +753,7 @@ class _InstanceNorm(_SampleNorm):
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self._init_affine((self.num_features,), self.affine, bias, dtype)
-        xp, dtype = get_backend(), _check_dtype_arg(dtype)
-        C = self.num_features
-        if self.track_running_stats:
-            self.register_buffer("running_mean", xp.zeros(C, dtype=dtype))
-            self.register_buffer("running_var", xp.ones(C, dtype=dtype))
-            self.register_buffer("num_batches_tracked", xp.zeros((), dtype=np.int64))
-        else:
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                self.register_buffer(name, None)
-
-    def extra_repr(self):
-        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}")
-
-    def reset_running_stats(self):
-        if self.track_running_stats:
-            self.running_mean[...] = 0
-            self.running_var[...] = 1
-            self.num_batches_tracked[...] = 0
+        self._init_running_stats(_check_dtype_arg(dtype))
 
     def forward(self, x):
         F.check_floating(x, f"{type(self).__name__} input")

@@ -144,7 +144,7 @@ def test_ledger_counts_one_call_per_pass_and_o_of_c_bytes(rng):
 
 def test_input_checks():
     sync = mb.SyncBatchNorm(3)
-    with pytest.raises(ValueError, match="at least 2 dimensions"):
+    with pytest.raises(ValueError, match="at least 2-dimensional"):
         sync(np.ones(3, np.float32))
     with pytest.raises(ValueError, match="expected 3 channels"):
         sync(np.ones((4, 2), np.float32))
