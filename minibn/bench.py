@@ -334,17 +334,22 @@ def _ratio(a, b):
     return f"{a / b:.2f}" if b else "—"
 
 
+def _groups_by_shape(rows, dtype):
+    """``(shape, {impl: row})`` for the rows of one dtype, shapes in first-seen order."""
+    shapes = []
+    for r in rows:
+        if r["dtype"] == dtype and r["shape"] not in shapes:
+            shapes.append(r["shape"])
+    return [(shape, {r["impl"]: r for r in rows if r["dtype"] == dtype and r["shape"] == shape})
+            for shape in shapes]
+
+
 def format_cpu_table(rows, dtype):
     lines = [f"#### {dtype}", "",
              "| input | path | fwd ms | bwd ms | fwd+bwd ms | × PyTorch fwd / bwd / f+b | "
              "× textbook f+b | GB/s f+b | % copy | peak extra mem |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    shapes = []
-    for r in rows:
-        if r["dtype"] == dtype and r["shape"] not in shapes:
-            shapes.append(r["shape"])
-    for shape in shapes:
-        group = {r["impl"]: r for r in rows if r["dtype"] == dtype and r["shape"] == shape}
+    for shape, group in _groups_by_shape(rows, dtype):
         pt, tb = group.get("PyTorch"), group.get("textbook")
         for name, r in group.items():
             moved = (FORWARD_PASSES + BACKWARD_PASSES) * r["nbytes"]
@@ -530,12 +535,7 @@ def format_gpu_table(rows, dtype):
     lines = [f"#### GPU {dtype}", "",
              "| input | path | fwd ms | bwd ms | fwd+bwd ms | × PyTorch CUDA f+b | GB/s f+b | % device copy |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    shapes = []
-    for r in rows:
-        if r["dtype"] == dtype and r["shape"] not in shapes:
-            shapes.append(r["shape"])
-    for shape in shapes:
-        group = {r["impl"]: r for r in rows if r["dtype"] == dtype and r["shape"] == shape}
+    for shape, group in _groups_by_shape(rows, dtype):
         pt = group.get("PyTorch CUDA")
         for name, r in group.items():
             bw = (FORWARD_PASSES + BACKWARD_PASSES) * r["nbytes"] / r["fb"]

@@ -704,6 +704,17 @@ def _(c):
 # caches come from minibn's own forward functions, the expected values from the
 # grader's reference.
 
+def _compare_grads(what, got, want, affine_on, tol, dtype):
+    """dx always; dgamma and dbeta with affine parameters, else both must be None."""
+    (dx, dw, db), (rdx, rdw, rdb) = got, want
+    close(what + "dx", dx, rdx, tol, dtype=dtype)
+    if affine_on:
+        close(what + "dgamma", dw, rdw, tol, dtype=dtype)
+        close(what + "dbeta", db, rdb, tol, dtype=dtype)
+    else:
+        expect(dw is None and db is None, what + "without weight and bias, dgamma and dbeta must be None")
+
+
 def _ln_case(c, shape, k, seed, affine_on=True, eps=1e-5, dtype=np.float64, tol=1e-9):
     x = data(shape, seed, dtype)
     pshape = shape[len(shape) - k:]
@@ -717,12 +728,7 @@ def _ln_case(c, shape, k, seed, affine_on=True, eps=1e-5, dtype=np.float64, tol=
     f = R.ln_forward(x, k, w, b, eps)
     rdx, rdw, rdb = R.ln_backward(dy, f["x_hat"], f["inv_std"], k, w)
     what = f"LayerNorm{list(pshape)} on {shape}: "
-    close(what + "dx", dx, rdx, tol, dtype=dtype)
-    if affine_on:
-        close(what + "dgamma", dw, rdw, tol, dtype=dtype)
-        close(what + "dbeta", db, rdb, tol, dtype=dtype)
-    else:
-        expect(dw is None and db is None, what + "without weight and bias, dgamma and dbeta must be None")
+    _compare_grads(what, (dx, dw, db), (rdx, rdw, rdb), affine_on, tol, dtype)
     expect(np.array_equal(dy, dy_before), what + "dy was modified in place")
 
 
@@ -735,12 +741,7 @@ def _gn_case(c, shape, groups, seed, affine_on=True, eps=1e-5, dtype=np.float64,
     f = R.gn_forward(x, groups, w, b, eps)
     rdx, rdw, rdb = R.gn_backward(dy, f["x_hat"], f["inv_std"], groups, w)
     what = f"GroupNorm({groups} groups) on {shape}: "
-    close(what + "dx", dx, rdx, tol, dtype=dtype)
-    if affine_on:
-        close(what + "dgamma", dw, rdw, tol, dtype=dtype)
-        close(what + "dbeta", db, rdb, tol, dtype=dtype)
-    else:
-        expect(dw is None and db is None, what + "without weight and bias, dgamma and dbeta must be None")
+    _compare_grads(what, (dx, dw, db), (rdx, rdw, rdb), affine_on, tol, dtype)
 
 
 @case("ln_gn_backward", "layernorm_shapes")
