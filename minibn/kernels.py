@@ -33,11 +33,12 @@ How the passes are arranged:
   contiguous and of equal size.  When many tiles share them, per-channel
   constants are expanded once per call into *maps* that line up element by
   element with a tile (``a[c]`` repeated ``S`` times, for the samples of a
-  tile); otherwise a map of one sample is broadcast over the tile's rows.
+  tile); otherwise a map of a block of samples (at most ``MAP_BLOCK_BYTES``)
+  is broadcast over the tile's blocks.
 * **Reductions.**  Sums run in the input's dtype over short runs only: at
   most ``ROW_RUN`` contiguous values (BLAS dot products through
   ``np.vecdot``), or ``COL_RUN`` rows for ``(N, C)``-like input
-  (``add.reduce``/``einsum`` down the columns).  The run sums are added up in
+  (``ones @ run`` through BLAS, ``einsum`` for products, down the columns).  The run sums are added up in
   float64.  A float32 run of a few hundred values loses at most a few units
   in the last place; float64 takes it from there, as in ``moments.py``.
 * **Threads.**  NumPy releases the GIL inside its loops, so for large inputs
@@ -97,6 +98,7 @@ MAP_MIN_N = 4                 # expand per-channel constants into maps when N >=
 MAP_MAX_BYTES = 1 << 21       # ... and one sample (C * S values) is at most this big
 MAP_TILES_MIN = 8             # maps covering several samples: only if this many tiles use them
 MAP_ROW_MAX = 1 << 14         # ... and rows are shorter than this (else broadcasting is as fast)
+MAP_BLOCK_BYTES = 1 << 16     # otherwise a map covers a block of rows of at most this size
 PARALLEL_MIN_BYTES = 1 << 21  # below this, one thread (hand-offs and the GIL cost more than they save)
 SMALL_BYTES = 1 << 16         # inputs up to this size are one tile with broadcasting constants
 REFERENCE_BELOW = 16384       # NumPy inputs with fewer elements take the readable path
@@ -306,8 +308,9 @@ class _Plan:
     (cols layout).  Partial sums: the run sums ``(N, C, runs per row)`` in the
     dtype (rows layout), or one float64 row per block of tile rows,
     ``(row blocks, W)`` (cols layout).  Element-wise view: the flat array when
-    every tile is a contiguous segment lined up with the maps; ``(N, C*S)``
-    when a one-sample map is broadcast over a tile's rows; ``(N, C, S)`` when
+    every tile is a contiguous segment lined up with the maps; ``(N / reps,
+    reps * C*S)`` when a map of ``reps`` samples is broadcast over a tile's
+    blocks of samples (``reps`` may be 1); ``(N, C, S)`` when
     the constants are ``(C, 1)`` columns (small inputs, or very long samples
     of a small batch).
     """
@@ -317,6 +320,7 @@ class _Plan:
         N, C = shape[0], shape[1]
         S = int(np.prod(shape[2:])) if len(shape) > 2 else 1
         self.N, self.C, self.S = N, C, S
+        self.itemsize = itemsize
         self.count = N * S
         total = N * C * S
         self.cols = S < ROW_MIN
@@ -345,9 +349,8 @@ class _Plan:
             W = C * S
             if W <= tile:         # whole rows
                 nb = min(N, max(COL_RUN, tile // W // COL_RUN * COL_RUN))
-                self._rows_per_tile = nb
+                nb = self._whole_rows(N, W, nb, (slice(None),))
                 self.part_shape = (-(-N // nb), W)
-                self._whole_rows(N, W, nb, (slice(None),))
             else:                 # very wide rows: 2-D blocks, maps of one row broadcast
                 self.ew_shape = (N, W)
                 nb, wb = 4 * COL_RUN, max(1, tile // (4 * COL_RUN))
@@ -398,25 +401,38 @@ class _Plan:
             self.sample = (slice(0, min(N, 2)), slice(None), slice(0, min(S, SHIFT_SAMPLE // 2)))
 
     def _whole_rows(self, N, W, nb, rest):
-        """Tiles of ``nb`` whole rows (samples) of ``W`` values.
+        """Tiles of about ``nb`` whole rows (samples) of ``W`` values; returns the ``nb`` used.
 
         With many such tiles and short rows, the maps cover ``nb`` rows and a
-        tile is one flat operation; otherwise the maps cover one row and are
-        broadcast over the tile's rows (building a map as big as a tile would
-        then cost more than it saves).
+        tile is one flat operation.  Otherwise the maps cover a *block* of
+        ``reps`` rows, at most ``MAP_BLOCK_BYTES``, with ``reps`` dividing both
+        ``N`` and ``nb``: a tile is then viewed as ``(blocks, reps * W)`` and
+        the map broadcast over its blocks, so that the inner loop of every
+        operation runs over ``reps * W`` contiguous values of equal-shaped
+        operands (for ``(N, C)`` input with a few hundred channels this is
+        much faster than broadcasting one row of ``C`` values).  When ``N``
+        has no such divisor, ``reps`` is 1: one row broadcast over the tile.
         """
         flat = -(-N // nb) >= MAP_TILES_MIN and W < MAP_ROW_MAX and nb > 1
         if flat:
             self.reps = nb
         else:
-            self.ew_shape = (N, W)
+            limit = max(1, min(nb, MAP_BLOCK_BYTES // max(W * self.itemsize, 1)))
+            reps = next(r for r in range(limit, 0, -1) if N % r == 0)
+            nb = max(reps, nb // reps * reps)
+            self.reps = reps
+            self.ew_shape = (N // reps, reps * W)
+        self._rows_per_tile = nb
         for n0 in range(0, N, nb):
             n1 = min(N, n0 + nb)
             red = (slice(n0, n1),) + rest
             if flat:
                 self.tiles.append(self._tile(slice(n0 * W, n1 * W), slice(0, (n1 - n0) * W), red, (-1,)))
             else:
-                self.tiles.append(self._tile((slice(n0, n1), slice(None)), slice(None), red, (n1 - n0, W)))
+                r = self.reps
+                self.tiles.append(self._tile((slice(n0 // r, n1 // r), slice(None)), slice(None), red,
+                                             ((n1 - n0) // r, r * W)))
+        return nb
 
     def _tile(self, ew, mp, red, ew_shape):
         """A tile with its reduction pieces, from its index ``red`` in the reduction view."""
@@ -539,14 +555,14 @@ def _reduce(plan, t, a, b, out):
         r = COL_RUN
         if full1:                                     # (full1, r, wb) -> (full1, wb)
             shp = (full1, r, wb)
-            if b is None:
-                np.add.reduce(a[:full1 * r].reshape(shp), axis=1, out=level1[:full1])
+            if b is None:                             # BLAS: ones(r) @ each run, twice as fast
+                np.matmul(_ones(r, a.dtype), a[:full1 * r].reshape(shp), out=level1[:full1])
             else:
                 np.einsum("ijk,ijk->ik", a[:full1 * r].reshape(shp), b[:full1 * r].reshape(shp),
                           out=level1[:full1])
         if rest1:                                     # the last, shorter run of rows
             if b is None:
-                np.add.reduce(a[full1 * r:], axis=0, out=level1[full1])
+                np.matmul(_ones(rest1, a.dtype), a[full1 * r:], out=level1[full1])
             else:
                 np.einsum("ij,ij->j", a[full1 * r:], b[full1 * r:], out=level1[full1])
         np.add.reduce(level1, axis=0, dtype=np.float64, out=out[k, cols])
