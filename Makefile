@@ -1,6 +1,7 @@
 # minibn: every target sets up its own virtual environment (.venv) first.
 #   make article   the main job: every lesson, then every figure
-#   make test      the test suite, single-process and under mpiexec -n 2, 3, 4
+#   make test      the test suite, single-process and under mpiexec -n 2, 3, 4; then again on
+#                  the optional numba kernels
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -9,13 +10,13 @@ STAMP  := $(VENV)/.minibn-installed
 PIP    := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 MPI_RANKS ?= 2 3 4
 
-.PHONY: all setup article figures lessons notebooks test test-fast test-mpi bench oracle info clean
+.PHONY: all setup article figures lessons notebooks test test-fast test-mpi test-numba bench oracle info clean
 
 all: article
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) -e '.[mpi,dev]'
+	$(PIP) -e '.[mpi,jit,dev]'
 	@touch $(STAMP)
 
 setup: $(STAMP)
@@ -34,7 +35,7 @@ notebooks: $(STAMP)
 	$(VENV)/bin/jupytext --to ipynb --output-dir notebooks lessons/*.py 2>/dev/null || \
 	  for f in lessons/*.py; do $(VENV)/bin/jupytext --to ipynb -o notebooks/$$(basename $${f%.py}).ipynb $$f; done
 
-test: test-fast test-mpi
+test: test-fast test-mpi test-numba
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests --ignore=tests/mpi
@@ -44,6 +45,11 @@ test-mpi: $(STAMP)
 	  echo "== tests/mpi under mpiexec -n $$n"; \
 	  $(MPIEXEC) -n $$n $(PY) -m mpi4py -m pytest -q -p no:cacheprovider tests/mpi || exit 1; \
 	done
+
+# the same tests on the optional compiled kernels (kernels_numba.py)
+test-numba: $(STAMP)
+	MINIBN_KERNELS=numba $(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/mpi
+	MINIBN_KERNELS=numba $(MPIEXEC) -n 2 $(PY) -m mpi4py -m pytest -q -p no:cacheprovider tests/mpi
 
 bench: $(STAMP)
 	$(PY) -m minibn bench

@@ -3,7 +3,8 @@
 Every number in the tables is measured in this run, on this machine:
 
 * **minibn** (the fast kernels of ``kernels.py``, through the ``BatchNorm*d``
-  layers), the **reference** path (the readable ``functional.py``, same
+  layers), **minibn (numba)** (the optional compiled kernels of
+  ``kernels_numba.py``, when numba is installed), the **reference** path (the readable ``functional.py``, same
   layers), a **textbook** NumPy implementation kept below, and **PyTorch**
   (CPU, ``torch.nn.BatchNorm*d`` + autograd, default thread count) when it is
   installed.  Forward and backward are timed separately inside each step;
@@ -190,32 +191,38 @@ def _data(shape, dtype, seed=0):
     return x, dy, gamma, beta
 
 
+NUMBA_ROW = "minibn (numba)"
+
+
+def numba_available() -> bool:
+    from . import kernels_numba
+    return kernels_numba.available()
+
+
 def cpu_implementations(shape, dtype, torch=None):
     """``{name: (forward() -> state, backward(state))}`` for one shape and dtype."""
     x, dy, gamma, beta = _data(shape, dtype)
     impls = {}
 
-    def layer(reference):
+    def layer(kind):
         bn = _layer_class(len(shape))(shape[1], dtype=dtype)
         bn.weight.data[...] = gamma
         bn.bias.data[...] = beta
 
         def fwd():
-            if reference:
-                with kernels.reference_kernels():
-                    return bn(x)
-            return bn(x)
+            with kernels.selected_kernels(kind):
+                return bn(x)
 
         def bwd(_):
             bn.zero_grad()
-            if reference:
-                with kernels.reference_kernels():
-                    return bn.backward(dy)
-            return bn.backward(dy)
+            with kernels.selected_kernels(kind):
+                return bn.backward(dy)
         return fwd, bwd
 
-    impls["minibn"] = layer(False)
-    impls["reference"] = layer(True)
+    impls["minibn"] = layer("numpy")
+    if numba_available():
+        impls[NUMBA_ROW] = layer("numba")
+    impls["reference"] = layer("reference")
     impls["textbook"] = (lambda: textbook_forward(x, gamma, beta),
                          lambda s: textbook_backward(dy, s[1], gamma))
     if torch is not None:
@@ -316,7 +323,7 @@ def bench_cpu(shapes, dtypes, repeats, warmup, use_torch=True, log=print):
             nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
             copy_bw = copy_bandwidth(nbytes, threads)
             for name, (fwd, bwd) in impls.items():
-                mem = (peak_memory(fwd, bwd, _fresh_kernel_memory if name == "minibn" else None)
+                mem = (peak_memory(fwd, bwd, _fresh_kernel_memory if name.startswith("minibn") else None)
                        if name != "PyTorch" else None)
                 rows.append(dict(dtype=np.dtype(dtype).name, shape=list(shape), impl=name,
                                  fwd=t[name][0], bwd=t[name][1], fb=t[name][2], nbytes=nbytes,
@@ -630,6 +637,10 @@ def main(argv=None) -> int:
             g_tb = geometric_mean_ratio(rows, name, "textbook")
             if g is not None and g_ref is not None and g_tb is not None:
                 print(f"(reference path: {g_ref:.2f}, textbook NumPy: {g_tb:.2f})")
+            g_nb = geometric_mean_ratio(rows, name, NUMBA_ROW)
+            if g_nb is not None:
+                print(f"\nWith the optional numba kernels (`MINIBN_KERNELS=numba`), {NUMBA_ROW} / "
+                      f"PyTorch ({name}): **{g_nb:.2f}**")
             print(flush=True)
 
     if not args.no_syncbn:

@@ -72,11 +72,15 @@ def info_lines():
              f"matplotlib   {_version('matplotlib')}",
              f"tqdm         {_version('tqdm')}",
              f"cupy         {_version('cupy')}",
+             f"numba        {_version('numba')} (optional compiled CPU kernels)",
              f"torch        {_version('torch')} (optional oracle)"]
     try:
         lines.append(f"backend      {backend_name()} (MINIBN_BACKEND / minibn.set_backend)")
     except RuntimeError as exc:     # MINIBN_BACKEND=cupy on a machine without a usable GPU
         lines.append(f"backend      unusable: {exc}")
+    from .kernels import kernels_in_use, num_threads
+    lines.append(f"CPU kernels  {kernels_in_use()}, {num_threads()} thread(s) "
+                 "(MINIBN_KERNELS = numpy | numba | reference; MINIBN_NUM_THREADS)")
     lines.append(f"GPU          {_gpu_line()}")
     lines.extend(_mpi_lines())
     return lines

@@ -58,13 +58,15 @@ input as ``(N, C*S)`` and reduces down the columns.
 Which path runs: :func:`batch_norm_forward`, :func:`batch_norm_eval_forward`,
 :func:`batch_norm_backward` and :func:`channel_moments` have the signatures
 and errors of their counterparts in ``functional.py``/``moments.py`` and
-return the same numbers, to rounding.  They take the readable path when it is
-selected (``MINIBN_KERNELS=reference`` in the environment, or, for the whole
-process, ``use_fast_kernels(False)`` / ``with reference_kernels():``), for
-dtypes other than float32/float64, for NumPy inputs of fewer than
-``REFERENCE_BELOW`` elements (where the readable code is as fast), and for
-array modules other than NumPy and CuPy.  CuPy arrays go to the fused GPU
-kernels of ``kernels_cupy.py``.
+return the same numbers, to rounding.  What computes is chosen once for the
+process: ``MINIBN_KERNELS`` in the environment or :func:`use_kernels` --
+``numpy`` (these kernels, the default), ``numba`` (the compiled loops of
+``kernels_numba.py``, an optional extra) or ``reference`` (the readable path;
+also ``use_fast_kernels(False)`` and ``with reference_kernels():``).  The
+readable path also takes dtypes other than float32/float64, NumPy inputs of
+fewer than ``REFERENCE_BELOW`` elements when the NumPy kernels are selected
+(the readable code is as fast there), and array modules other than NumPy and
+CuPy.  CuPy arrays go to the fused GPU kernels of ``kernels_cupy.py``.
 """
 from __future__ import annotations
 
@@ -85,7 +87,8 @@ __all__ = [
     "batch_norm_forward", "batch_norm_eval_forward", "batch_norm_backward", "channel_moments",
     "KernelCache", "use_fast_kernels", "fast_kernels_enabled", "reference_kernels",
     "num_threads", "set_num_threads", "forward_coefficients", "backward_coefficients",
-    "release_buffers",
+    "gradient_coefficients",
+    "release_buffers", "use_kernels", "kernels_in_use", "selected_kernels", "KERNELS",
 ]
 
 # --------------------------------------------------------------------------- tunables
@@ -114,39 +117,89 @@ _FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 # --------------------------------------------------------------------------- which path
+# "numpy": the NumPy kernels below (the default); "numba": the compiled loops of
+# kernels_numba.py (optional, needs numba); "reference": the readable functional.py.
+# CuPy arrays go to kernels_cupy.py unless "reference" is selected.
 
-_use_fast = os.environ.get("MINIBN_KERNELS", "fast").strip().lower() not in ("reference", "ref")
+KERNELS = ("numpy", "numba", "reference")
+_ALIASES = {"": "numpy", "fast": "numpy", "numpy": "numpy", "numba": "numba",
+            "reference": "reference", "ref": "reference"}
+
+
+def _parse_kernels(value, where):
+    name = _ALIASES.get(str(value).strip().lower())
+    if name is None:
+        raise ValueError(f"{where}: expected one of {', '.join(KERNELS)}, got {value!r}")
+    return name
+
+
+_kind = _parse_kernels(os.environ.get("MINIBN_KERNELS", "numpy"), "MINIBN_KERNELS")
+_fast_kind = _kind if _kind != "reference" else "numpy"      # what use_fast_kernels(True) restores
+
+
+def _numba_kernels():
+    from . import kernels_numba
+    if not kernels_numba.available():
+        raise RuntimeError("the numba kernels were selected (MINIBN_KERNELS=numba or "
+                           "use_kernels('numba')) but numba is not installed; install it with "
+                           "`pip install minibn[jit]`, or select the NumPy kernels")
+    return kernels_numba
+
+
+def use_kernels(name: str):
+    """Select the kernels for NumPy arrays: ``"numpy"`` (default), ``"numba"`` or ``"reference"``."""
+    global _kind, _fast_kind
+    name = _parse_kernels(name, "use_kernels")
+    if name == "numba":
+        _numba_kernels()                      # fail here, not at the first forward
+    _kind = name
+    if name != "reference":
+        _fast_kind = name
+
+
+def kernels_in_use() -> str:
+    """``"numpy"``, ``"numba"`` or ``"reference"``."""
+    return _kind
 
 
 def use_fast_kernels(enabled: bool = True):
     """Select the fast kernels (``True``, the default) or the readable reference path."""
-    global _use_fast
-    _use_fast = bool(enabled)
+    global _kind
+    _kind = _fast_kind if enabled else "reference"
 
 
 def fast_kernels_enabled() -> bool:
-    return _use_fast
+    return _kind != "reference"
 
 
 @contextmanager
-def reference_kernels():
-    """``with reference_kernels(): ...`` runs the block on the readable ``functional`` path."""
-    global _use_fast
-    saved, _use_fast = _use_fast, False
+def selected_kernels(name: str):
+    """``with selected_kernels("numba"): ...`` runs the block on the kernels named (see
+    :func:`use_kernels`), then restores the previous choice."""
+    global _kind
+    name = _parse_kernels(name, "selected_kernels")
+    if name == "numba":
+        _numba_kernels()
+    saved, _kind = _kind, name
     try:
         yield
     finally:
-        _use_fast = saved
+        _kind = saved
+
+
+def reference_kernels():
+    """``with reference_kernels(): ...`` runs the block on the readable ``functional`` path."""
+    return selected_kernels("reference")
 
 
 def _implementation(*arrays):
-    """What computes for these arrays: the NumPy kernels, ``kernels_cupy``, or ``None``
-    (the readable path)."""
-    if not _use_fast:
+    """What computes for these arrays: the NumPy kernels, ``kernels_numba``, ``kernels_cupy``,
+    or ``None`` (the readable path)."""
+    if _kind == "reference":
         return None
     xp = get_array_module(*arrays)
     if xp is np:
-        return _NUMPY
+        return _NUMPY if _kind == "numpy" else _numba_kernels()
     from . import kernels_cupy
     return kernels_cupy if xp.__name__ == "cupy" and kernels_cupy.available() else None
 
@@ -603,6 +656,25 @@ def backward_coefficients(sum_dy, sum_dy_xhat, count, inv_std, delta, weight):
     return k, c0, c3
 
 
+def gradient_coefficients(xp, cache, sum_dy, sum_dy_xhat, delta, reduce=None):
+    """``(k, c0, c3)`` of the backward for ``cache``: ``dx = k * (dy - c0 - c3 * (x - shift))``.
+
+    In eval mode (``cache.frozen``) the statistics are constants and
+    ``dx = k * dy``: ``c0`` and ``c3`` are ``None``.  In training mode
+    ``reduce`` (SyncBatchNorm) first maps the local ``(sum dy, sum dy * x_hat)``
+    to the global ones.  ``delta`` is ``mean - shift``; ``xp`` the array module.
+    """
+    weight = cache.weight
+    if cache.frozen:
+        k = cache.inv_std * weight.astype(np.float64) if weight is not None else cache.inv_std
+        return k, None, None
+    if reduce is not None:
+        sum_dy, sum_dy_xhat = reduce(sum_dy, sum_dy_xhat)
+        sum_dy = xp.asarray(sum_dy, dtype=np.float64)
+        sum_dy_xhat = xp.asarray(sum_dy_xhat, dtype=np.float64)
+    return backward_coefficients(sum_dy, sum_dy_xhat, cache.count, cache.inv_std, delta, weight)
+
+
 # --------------------------------------------------------------------------- the cache
 
 class KernelCache(F.BNCache):
@@ -822,19 +894,13 @@ class _NumpyKernels:
             sum_dy = plan.fold(p_dy)
             # sum(dy * x_hat) = inv_std * (sum(dy * d) - (mean - shift) * sum(dy))
             sum_dy_xhat = cache.inv_std * (plan.fold(p_dyd) - delta * sum_dy)
+        k, c0, c3 = gradient_coefficients(np, cache, sum_dy, sum_dy_xhat, delta, reduce)
         if cache.frozen:
-            k = cache.inv_std * weight.astype(np.float64) if weight is not None else cache.inv_std
             (k_m,) = plan.maps(dy.dtype, k)
 
             def grad(t, _):
                 np.multiply(dye[t.ew], k_m[t.mp], out=dxe[t.ew])
         else:
-            g_dy, g_dyxh = sum_dy, sum_dy_xhat
-            if reduce is not None:
-                g_dy, g_dyxh = reduce(sum_dy, sum_dy_xhat)
-                g_dy = np.asarray(g_dy, dtype=np.float64)
-                g_dyxh = np.asarray(g_dyxh, dtype=np.float64)
-            k, c0, c3 = backward_coefficients(g_dy, g_dyxh, cache.count, cache.inv_std, delta, weight)
             k_m, c0_m, c3_m = plan.maps(dy.dtype, k, c0, c3)
 
             def grad(t, _):                       # dx = k * (dy - c0 - c3 * d)
@@ -874,7 +940,7 @@ def channel_moments(x):
     impl = _implementation(x)
     if not _fast_ok(impl, x) or x.ndim < 2:
         return _reference_moments(x, reduce_axes(x.ndim))
-    if impl is _NUMPY:
+    if isinstance(x, np.ndarray):
         x = _as_kernel_input(x)
     count, mean, var, _ = impl.moments(x)
     return count, mean, var
@@ -900,7 +966,7 @@ def batch_norm_forward(x, weight=None, bias=None, eps: float = 1e-5, stats=None)
     if not _fast_ok(impl, x):
         return F.batch_norm_forward(x, weight, bias, eps, stats=stats)
     _check_args(x, weight, bias)
-    if impl is _NUMPY:
+    if isinstance(x, np.ndarray):
         x = _as_kernel_input(x)
     if stats is None:
         count = x.size // x.shape[1] if x.shape[1] else 0
@@ -925,7 +991,7 @@ def batch_norm_eval_forward(x, mean, var, weight=None, bias=None, eps: float = 1
     if not _fast_ok(impl, x):
         return F.batch_norm_eval_forward(x, mean, var, weight, bias, eps)
     _check_args(x, weight, bias, mean, var)
-    if impl is _NUMPY:
+    if isinstance(x, np.ndarray):
         x = _as_kernel_input(x)
     xp = get_array_module(x)
     mean64 = xp.asarray(mean, dtype=np.float64)
@@ -948,6 +1014,6 @@ def batch_norm_backward(dy, cache, reduce=None):
     if tuple(dy.shape) != tuple(cache.x.shape):
         raise ValueError(f"dy has shape {tuple(dy.shape)}, expected the forward output's shape "
                          f"{tuple(cache.x.shape)}")
-    if impl is _NUMPY:
+    if isinstance(dy, np.ndarray):
         dy = _as_kernel_input(dy)
     return impl.backward(dy, cache, reduce)

@@ -179,7 +179,7 @@ def normalize(x, mean, var, weight, bias, eps):
 
 def backward(dy, cache, reduce=None):
     """``(dx, dweight, dbias)``: one reduction, one element-wise kernel."""
-    from .kernels import backward_coefficients
+    from .kernels import gradient_coefficients
     x, weight = cache.x, cache.weight
     N, C, S = _geometry(x)
     dt = dy.dtype
@@ -190,18 +190,12 @@ def backward(dy, cache, reduce=None):
         sum_dy, sum_dyd = cupy.zeros(C), cupy.zeros(C)
     sum_dy_xhat = cache.inv_std * sum_dyd
     dx = cupy.empty_like(dy)
-    if cache.frozen:
-        k = cache.inv_std * weight.astype(np.float64) if weight is not None else cache.inv_std
+    mean_t = mean.astype(dt)
+    delta = mean - mean_t.astype(np.float64)
+    k, c0, c3 = gradient_coefficients(cupy, cache, sum_dy, sum_dy_xhat, delta, reduce)
+    if cache.frozen:                                  # eval mode: dx = k * dy
         cupy.multiply(_view(dy), _column(k, dt), out=_view(dx))
     else:
-        g_dy, g_dyxh = sum_dy, sum_dy_xhat
-        if reduce is not None:
-            g_dy, g_dyxh = reduce(sum_dy, sum_dy_xhat)
-            g_dy = cupy.asarray(g_dy, dtype=np.float64)
-            g_dyxh = cupy.asarray(g_dyxh, dtype=np.float64)
-        mean_t = mean.astype(dt)
-        delta = mean - mean_t.astype(np.float64)
-        k, c0, c3 = backward_coefficients(g_dy, g_dyxh, cache.count, cache.inv_std, delta, weight)
         if dy.size:
             _get("grad")(_view(dy), _view(x), _column(mean_t, dt), _column(k, dt), _column(c0, dt),
                          _column(c3, dt), _view(dx))

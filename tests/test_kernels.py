@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import minibn as mb
 import minibn.functional as F
 from minibn import bench, kernels as K
-from minibn import kernels_cupy
+from minibn import kernels_cupy, kernels_numba
 
 EPS = 1e-5
 
@@ -29,6 +29,7 @@ TILINGS = {
     "tiny-tiles-3-threads": (1024, 3, 0, 1, None),
     "tiny-tiles-2-threads-broadcast": (2048, 2, 0, 10 ** 9, 3),
     "one-tile": (1 << 30, 1, 1 << 40, 4, None),
+    "numba": "numba",             # the optional compiled kernels, held to the same tests
 }
 
 
@@ -38,6 +39,12 @@ def tiling(request, monkeypatch):
     monkeypatch.setattr(K, "REFERENCE_BELOW", 0)
     monkeypatch.setattr(K, "PARALLEL_MIN_BYTES", 0)
     cfg = TILINGS[request.param]
+    if cfg == "numba":
+        pytest.importorskip("numba")
+        K.use_kernels("numba")
+        yield request.param
+        K.use_kernels("numpy")
+        return
     if cfg is not None:
         tile, threads, small, map_min_n, col_run = cfg
         monkeypatch.setattr(K, "TILE_BYTES", tile)
@@ -161,10 +168,18 @@ def test_variance_with_large_mean_is_as_accurate_as_the_reference(ref, shape):
 def test_unrepresentative_first_samples_trigger_the_second_statistics_pass(ref, shape, monkeypatch):
     """The provisional shift is the mean of the first samples.  Here they are outliers,
     hundreds of standard deviations from the batch mean: one pass would cancel digits
-    away, so the kernels redo the pass with the mean it found (the classic two-pass)."""
+    away, so the kernels redo the pass with the mean it found (the classic two-pass).
+    (The numba kernels sum in float64 and need no second pass: only their accuracy is
+    checked.)"""
     x, dy, w, b = _data(shape, np.float32, seed=5)
     k = K._plan(x).sample[0].stop                       # how many samples the shift averages
     x[:k] += 1000.0
+    if K.kernels_in_use() == "numba":
+        _, mu, var = ref.stats(x)
+        _, mean, v = K.channel_moments(x)
+        assert np.max(np.abs(v - var) / var) < 1e-7
+        assert np.max(np.abs(mean - mu)) < 1e-7 * np.max(np.abs(mu))
+        return
     calls = []
     original = K._NumpyKernels._shifted_sums
     monkeypatch.setattr(K._NumpyKernels, "_shifted_sums",
@@ -410,14 +425,40 @@ def test_reference_switch_selects_functional():
     assert isinstance(K.batch_norm_forward(x, w, b)[1], K.KernelCache)
 
 
-def test_environment_variable_selects_the_reference_path():
+def test_environment_variable_selects_the_reference_path(tiling):
+    if tiling != "default":
+        pytest.skip("independent of the tiling")
     code = ("import numpy as np, minibn.kernels as K;"
             "x = np.random.default_rng(0).standard_normal((64, 512)).astype(np.float32);"
-            "print(K.fast_kernels_enabled(), type(K.batch_norm_forward(x)[1]).__name__)")
-    for value, expected in (("reference", "False BNCache"), ("fast", "True KernelCache")):
+            "print(K.fast_kernels_enabled(), K.kernels_in_use(), type(K.batch_norm_forward(x)[1]).__name__)")
+    cases = [("reference", "False reference BNCache"), ("fast", "True numpy KernelCache"),
+             ("NumPy", "True numpy KernelCache"), ("", "True numpy KernelCache")]
+    if kernels_numba.available():
+        cases.append(("numba", "True numba KernelCache"))
+    for value, expected in cases:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env={**__import__("os").environ, "MINIBN_KERNELS": value}).stdout
         assert out.strip() == expected
+    bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**__import__("os").environ, "MINIBN_KERNELS": "numpyy"})
+    assert bad.returncode != 0 and "MINIBN_KERNELS: expected one of numpy, numba, reference" in bad.stderr
+
+
+def test_kernel_choice_is_validated(monkeypatch, tiling):
+    if tiling != "default":
+        pytest.skip("independent of the tiling")
+    with pytest.raises(ValueError, match="use_kernels: expected one of numpy, numba, reference"):
+        K.use_kernels("cuda")
+    monkeypatch.setattr(kernels_numba, "numba", None)          # as if numba were not installed
+    with pytest.raises(RuntimeError, match=r"pip install minibn\[jit\]"):
+        K.use_kernels("numba")
+    assert K.kernels_in_use() == "numpy"                       # the failed choice changed nothing
+    K.use_kernels("reference")
+    try:
+        assert not K.fast_kernels_enabled()
+    finally:
+        K.use_fast_kernels(True)
+    assert K.kernels_in_use() == "numpy"
 
 
 @pytest.mark.parametrize("cls, shape", [(mb.BatchNorm1d, (300, 17)), (mb.BatchNorm1d, (8, 6, 50)),
@@ -447,7 +488,7 @@ def test_layer_fast_and_reference_paths_agree(cls, shape):
 def test_cupy_module_imports_without_a_gpu():
     assert isinstance(kernels_cupy.available(), bool)
     x = np.zeros((4, 3), np.float32)
-    assert K._implementation(x) is K._NUMPY
+    assert K._implementation(x) is (K._NUMPY if K.kernels_in_use() == "numpy" else kernels_numba)
 
 
 def test_threads_setting_is_validated():

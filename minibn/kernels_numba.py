@@ -1,0 +1,267 @@
+"""Compiled CPU kernels through numba: the optional accelerated path.
+
+NumPy runs one formula per pass over memory; a compiled loop runs a whole
+phase of batch norm in one pass, like the fused GPU kernels of
+``kernels_cupy.py`` and with the same math::
+
+    training forward   one read-only pass  -> sum(d), sum(d^2) per channel,  d = x - shift
+                       one element-wise pass -> y = (x - shift) * a + b
+    backward           one read-only pass  -> sum(dy), sum(dy * (x - mean)) per channel
+                       one element-wise pass -> dx = k * (dy - c0 - c3 * (x - mean))
+
+Deviations, products and sums are float64 inside the loops, so the
+statistics are float64-accurate for float32 data.  The shift only has to be
+near the mean: it is the mean of the first few values of each channel, and
+with float64 sums even a shift a thousand standard deviations off leaves
+about ten correct digits, so no second pass is needed (as on the GPU).
+The element-wise passes compute in float64 too and round once to the dtype.
+
+Two loop orders, as in ``kernels.py``: ``rows`` (spatial size ``S >= 32``)
+walks each ``(n, c)`` row of ``S`` contiguous values; ``cols`` (``(N, C)``
+input and short rows) walks blocks of ``ROWS`` rows of ``W = C*S`` values
+and keeps one float64 accumulator per column.  Work is shared among
+threads in fixed pieces (one ``(n, c)`` row, or one block of rows) whose sums
+are added in a fixed order, so results do not depend on the thread count.
+
+This path is optional: it needs ``numba`` (``pip install minibn[jit]``) and
+is selected with ``MINIBN_KERNELS=numba`` or ``kernels.use_kernels("numba")``.
+The NumPy kernels stay the default.  The first call of each kernel compiles
+it (a few seconds); the machine code is cached on disk next to this module.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+try:                                            # optional: minibn works without numba
+    import numba
+    from numba import njit, prange
+except ImportError:                             # pragma: no cover - depends on the install
+    numba = None
+
+__all__ = ["available", "handles", "moments", "forward_train", "normalize", "backward"]
+
+_FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+ROW_MIN = 32          # spatial rows shorter than this use the cols loop order
+ROWS = 64             # cols loop order: rows per block (one block = one piece of work)
+SHIFT_SAMPLE = 8      # values per channel averaged for the shift (float64 sums need no more)
+
+# reassociation lets LLVM vectorize the float64 running sums; nothing else is relaxed
+# (NaN and infinity propagate as in NumPy)
+_FLAGS = dict(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
+
+
+def available() -> bool:
+    """True when numba imports."""
+    return numba is not None
+
+
+def handles(x) -> bool:
+    return numba is not None and x.dtype in _FAST_DTYPES
+
+
+# --------------------------------------------------------------------------- the kernels
+# rows order: arrays viewed as (N, C, S), per-channel float64 vectors of length C;
+# cols order: arrays viewed as (N, W), per-column float64 vectors of length W.
+
+if numba is not None:
+
+    @njit(**_FLAGS)
+    def _rows_sums(u, su, v, sv, out):
+        """out[n, c] = (sum p, sum p * q) over row (n, c), p = u - su[c], q = v - sv[c].
+
+        Statistics: u = v = x, su = sv = shift.  Gradient sums: u = dy, su = 0, v = x, sv = mean.
+        """
+        N, C, S = u.shape
+        for i in prange(N * C):
+            n, c = i // C, i % C
+            a, b, s1, s2 = su[c], sv[c], 0.0, 0.0
+            for k in range(S):
+                p = np.float64(u[n, c, k]) - a
+                s1 += p
+                s2 += p * (np.float64(v[n, c, k]) - b)
+            out[n, c, 0] = s1
+            out[n, c, 1] = s2
+
+    @njit(**_FLAGS)
+    def _rows_affine(x, shift, a, b, y):
+        """y = (x - shift) * a + b, per channel."""
+        N, C, S = x.shape
+        for i in prange(N * C):
+            n, c = i // C, i % C
+            s, ac, bc = shift[c], a[c], b[c]
+            for k in range(S):
+                y[n, c, k] = (np.float64(x[n, c, k]) - s) * ac + bc
+
+    @njit(**_FLAGS)
+    def _rows_grad(dy, x, mean, k_, c0, c3, dx):
+        """dx = k * (dy - c0 - c3 * (x - mean)), per channel."""
+        N, C, S = x.shape
+        for i in prange(N * C):
+            n, c = i // C, i % C
+            m, kc, c0c, c3c = mean[c], k_[c], c0[c], c3[c]
+            for k in range(S):
+                dx[n, c, k] = kc * (np.float64(dy[n, c, k]) - c0c - c3c * (np.float64(x[n, c, k]) - m))
+
+    @njit(**_FLAGS)
+    def _cols_sums(u, su, v, sv, out):
+        """out[b] = (sum p, sum p * q) per column over block b of ROWS rows, p = u - su,
+        q = v - sv (as in _rows_sums)."""
+        N, W = u.shape
+        for b in prange(out.shape[0]):
+            s1, s2 = out[b, 0], out[b, 1]
+            s1[:] = 0.0
+            s2[:] = 0.0
+            for n in range(b * ROWS, min(N, (b + 1) * ROWS)):
+                for w in range(W):
+                    p = np.float64(u[n, w]) - su[w]
+                    s1[w] += p
+                    s2[w] += p * (np.float64(v[n, w]) - sv[w])
+
+    @njit(**_FLAGS)
+    def _cols_affine(x, shift, a, b, y):
+        """y = (x - shift) * a + b, per column."""
+        N, W = x.shape
+        for blk in prange((N + ROWS - 1) // ROWS):
+            for n in range(blk * ROWS, min(N, (blk + 1) * ROWS)):
+                for w in range(W):
+                    y[n, w] = (np.float64(x[n, w]) - shift[w]) * a[w] + b[w]
+
+    @njit(**_FLAGS)
+    def _cols_grad(dy, x, mean, k_, c0, c3, dx):
+        """dx = k * (dy - c0 - c3 * (x - mean)), per column."""
+        N, W = x.shape
+        for blk in prange((N + ROWS - 1) // ROWS):
+            for n in range(blk * ROWS, min(N, (blk + 1) * ROWS)):
+                for w in range(W):
+                    dx[n, w] = k_[w] * (np.float64(dy[n, w]) - c0[w] - c3[w] * (np.float64(x[n, w]) - mean[w]))
+
+
+# --------------------------------------------------------------------------- layout
+
+
+class _Layout:
+    """How an ``(N, C, *)`` array is walked: its view, and per-channel vectors widened to it."""
+
+    def __init__(self, shape):
+        N, C = shape[0], shape[1]
+        S = 1
+        for s in shape[2:]:
+            S *= s
+        self.N, self.C, self.S = N, C, S
+        self.cols = S < ROW_MIN
+        self.shape = (N, C * S) if self.cols else (N, C, S)
+
+    def view(self, a):
+        return a.reshape(self.shape)
+
+    def vec(self, v):
+        """A per-channel float64 vector in the kernels' form (repeated ``S`` times for cols)."""
+        v = np.ascontiguousarray(v, dtype=np.float64)
+        return np.repeat(v, self.S) if self.cols and self.S > 1 else v
+
+    def fold(self, parts):
+        """Partial sums -> two ``(C,)`` float64 vectors, added in a fixed order."""
+        if self.cols:                                   # (blocks, 2, W)
+            s = parts.sum(axis=0)
+            if self.S > 1:
+                s = s.reshape(2, self.C, self.S).sum(axis=2)
+            return s[0], s[1]
+        s = parts.sum(axis=0)                           # (N, C, 2)
+        return s[:, 0], s[:, 1]
+
+    def partials(self):
+        if self.cols:
+            return np.empty(((self.N + ROWS - 1) // ROWS, 2, self.C * self.S))
+        return np.empty((self.N, self.C, 2))
+
+
+def _sums(layout, u, su, v, sv):
+    """``(sum (u - su), sum (u - su) * (v - sv))`` per channel, float64."""
+    parts = layout.partials()
+    _call(_cols_sums if layout.cols else _rows_sums, layout.view(u), layout.vec(su),
+          layout.view(v), layout.vec(sv), parts)
+    return layout.fold(parts)
+
+
+_lock = threading.Lock()
+
+
+def _call(kernel, *args):
+    """Run a kernel on the thread count of the NumPy kernels (``MINIBN_NUM_THREADS``, within
+    numba's).  One call at a time: not every numba threading layer takes concurrent calls."""
+    from .kernels import num_threads
+    n = max(1, min(num_threads(), numba.config.NUMBA_NUM_THREADS))
+    with _lock:
+        if numba.get_num_threads() != n:
+            numba.set_num_threads(n)
+        kernel(*args)
+
+
+# --------------------------------------------------------------------------- the kernel API
+# The same functions as kernels._NumpyKernels and kernels_cupy.
+
+def moments(x, out=None):
+    """``(count, mean, var, shift)`` per channel, float64, in one pass over ``x``."""
+    lay = _Layout(x.shape)
+    m = lay.N * lay.S
+    if m == 0 or x.size == 0:
+        z = np.zeros(lay.C)
+        return m, z, z.copy(), z.copy()
+    k = min(lay.N, max(1, -(-SHIFT_SAMPLE // lay.S)))
+    shift = x[:k].reshape(k, lay.C, lay.S).mean(axis=(0, 2), dtype=np.float64)
+    sum_d, sum_d2 = _sums(lay, x, shift, x, shift)
+    dmean = sum_d / m
+    var = np.maximum(sum_d2 / m - dmean * dmean, 0.0)
+    return m, shift + dmean, var, shift
+
+
+def _affine(x, shift, a, b):
+    """``y = (x - shift) * a + b`` (float64 arithmetic, rounded once to the dtype)."""
+    from .kernels import _new_output
+    lay = _Layout(x.shape)
+    y = _new_output(x)
+    if x.size:
+        _call(_cols_affine if lay.cols else _rows_affine, lay.view(x), lay.vec(shift), lay.vec(a),
+              lay.vec(b), lay.view(y))
+    return y
+
+
+def forward_train(x, weight, bias, eps):
+    """Training forward with this batch's statistics: ``(y, cache)``."""
+    from .kernels import KernelCache, forward_coefficients
+    count, mean, var, _ = moments(x)
+    inv_std, a, b = forward_coefficients(np, mean, var, mean, weight, bias, eps)
+    return _affine(x, mean, a, b), KernelCache(x, mean, var, inv_std, weight, eps, count)
+
+
+def normalize(x, mean, var, weight, bias, eps):
+    """``y`` with given statistics: ``(y, inv_std)``."""
+    from .kernels import forward_coefficients
+    inv_std, a, b = forward_coefficients(np, mean, var, mean, weight, bias, eps)
+    return _affine(x, mean, a, b), inv_std
+
+
+def backward(dy, cache, reduce=None):
+    """``(dx, dweight, dbias)``: one read-only pass for the sums, one pass for ``dx``."""
+    from .kernels import _new_output, gradient_coefficients
+    x, weight = cache.x, cache.weight
+    lay = _Layout(x.shape)
+    mean = cache.mean
+    if dy.size:
+        sum_dy, sum_dyd = _sums(lay, dy, np.zeros(lay.C), x, mean)
+    else:
+        sum_dy, sum_dyd = np.zeros(lay.C), np.zeros(lay.C)
+    sum_dy_xhat = cache.inv_std * sum_dyd
+    dx = _new_output(dy)
+    zero = np.zeros(lay.C)
+    k, c0, c3 = gradient_coefficients(np, cache, sum_dy, sum_dy_xhat, zero, reduce)
+    if cache.frozen:                                  # eval mode: dx = k * dy
+        c0 = c3 = zero
+    if dy.size:
+        _call(_cols_grad if lay.cols else _rows_grad, lay.view(dy), lay.view(x), lay.vec(mean),
+              lay.vec(k), lay.vec(c0), lay.vec(c3), lay.view(dx))
+    if weight is None:
+        return dx, None, None
+    return dx, sum_dy_xhat.astype(weight.dtype), sum_dy.astype(weight.dtype)
