@@ -384,7 +384,6 @@ class _Plan:
             W = C * S
             self.red_shape = (N, W)
             self._rows_per_tile = max(N, 1)         # (one tile of all rows unless set below)
-            self.part_shape = (1 if N else 0, W)
         else:
             self.red_shape = (N, C, S)
             run, full, rest = _row_runs(S)
@@ -402,13 +401,11 @@ class _Plan:
             W = C * S
             if W <= tile:         # whole rows
                 nb = min(N, max(COL_RUN, tile // W // COL_RUN * COL_RUN))
-                nb = self._whole_rows(N, W, nb, (slice(None),))
-                self.part_shape = (-(-N // nb), W)
+                self._whole_rows(N, W, nb, (slice(None),))
             else:                 # very wide rows: 2-D blocks, maps of one row broadcast
                 self.ew_shape = (N, W)
                 nb, wb = 4 * COL_RUN, max(1, tile // (4 * COL_RUN))
                 self._rows_per_tile = nb
-                self.part_shape = (-(-N // nb), W)
                 for n0 in range(0, N, nb):
                     for w0 in range(0, W, wb):
                         n1, w1 = min(N, n0 + nb), min(W, w0 + wb)
@@ -440,6 +437,11 @@ class _Plan:
                                                         slice(c0 * S + s0, c0 * S + s0 + length),
                                                         red, (-1,)))
         self.tiles = tiles
+        if self.cols:             # run sums: ceil(nb / COL_RUN) rows per block of nb rows
+            nb = self._rows_per_tile
+            per, blocks = -(-nb // COL_RUN), -(-N // nb)
+            self.part_shape = (blocks * per, C * S)
+            self._used_rows = (blocks - 1) * per + -(-(N - (blocks - 1) * nb) // COL_RUN) if N else 0
         self.max_tile = max((t.size for t in tiles), default=0)
         n = 1 if total * itemsize < PARALLEL_MIN_BYTES else max(1, min(threads, len(tiles)))
         groups = [[] for _ in range(n)]          # contiguous runs of tiles, equal in size
@@ -494,11 +496,12 @@ class _Plan:
         red_shape = tuple(b - a for a, b in bounds)
         parts = []
         if self.cols:
-            # runs of COL_RUN rows in the dtype, then the tile's run sums added up in float64
-            # into row ``n0 // nb`` of the partials (tiles of one column block have nb rows)
+            # sums of runs of COL_RUN rows, in the dtype, into the partials' rows from
+            # (n0 // nb) * ceil(nb / COL_RUN) on (every tile of a row block has nb rows)
             (n0, n1), (w0, w1) = bounds
             full1, rest1 = divmod(n1 - n0, COL_RUN)
-            parts = (full1, rest1, full1 + (rest1 > 0), n0 // self._rows_per_tile, slice(w0, w1))
+            start = n0 // self._rows_per_tile * -(-self._rows_per_tile // COL_RUN)
+            parts = (full1, rest1, start, start + full1 + (rest1 > 0), slice(w0, w1))
         else:
             (n0, n1), (c0, c1), (s0, s1) = bounds
             run, nfull, rest = _row_runs(self.S)
@@ -540,16 +543,14 @@ class _Plan:
         return out
 
     def partials(self, dtype, n=1):
-        """``n`` arrays for the partial sums of a pass (per-thread buffers): the run sums in
-        ``dtype`` (rows layout), or each tile's float64 sums (cols layout)."""
+        """``n`` arrays for the run sums of a pass, in ``dtype`` (per-thread buffers)."""
         size = int(np.prod(self.part_shape))
-        dtype = np.float64 if self.cols else dtype
         return [_buffer(f"parts{i}", size, dtype).reshape(self.part_shape) for i in range(n)]
 
     def fold(self, parts):
-        """Partial sums -> ``(C,)`` float64 per-channel sums."""
+        """Run sums -> ``(C,)`` float64 per-channel sums, added up in float64 in a fixed order."""
         if self.cols:
-            s = parts.sum(axis=0)
+            s = np.add.reduce(parts[:self._used_rows], axis=0, dtype=np.float64)
             return s.reshape(self.C, self.S).sum(axis=1) if self.S > 1 else s
         N, C, R = parts.shape
         return np.add.reduce(parts.reshape(N, C * R), axis=0, dtype=np.float64).reshape(C, R).sum(axis=1)
@@ -601,13 +602,12 @@ def _reduce(plan, t, a, b, out):
     float32 over each run only.  (Even for data centred on zero a long float32
     sum is not safe: clustered data makes partial sums large.)
     """
-    if plan.cols:
-        full1, rest1, rows1, k, cols = t.parts
-        wb = a.shape[1]
-        level1 = _buffer("level1", rows1 * wb, a.dtype).reshape(rows1, wb)
+    if plan.cols:                                     # (full1, r, wb) -> (full1, wb) in out
+        full1, rest1, start, stop, cols = t.parts
+        level1 = out[start:stop, cols]
         r = COL_RUN
-        if full1:                                     # (full1, r, wb) -> (full1, wb)
-            shp = (full1, r, wb)
+        if full1:
+            shp = (full1, r, a.shape[1])
             if b is None:                             # BLAS: ones(r) @ each run, twice as fast
                 np.matmul(_ones(r, a.dtype), a[:full1 * r].reshape(shp), out=level1[:full1])
             else:
@@ -618,7 +618,6 @@ def _reduce(plan, t, a, b, out):
                 np.matmul(_ones(rest1, a.dtype), a[full1 * r:], out=level1[full1])
             else:
                 np.einsum("ij,ij->j", a[full1 * r:], b[full1 * r:], out=level1[full1])
-        np.add.reduce(level1, axis=0, dtype=np.float64, out=out[k, cols])
         return
     for idx, run, dest in t.parts:                    # (nb, cb, L) -> (nb, cb, L / run)
         aa = a[idx]
