@@ -27,6 +27,9 @@ This path is optional: it needs ``numba`` (``pip install minibn[jit]``) and
 is selected with ``MINIBN_KERNELS=numba`` or ``kernels.use_kernels("numba")``.
 The NumPy kernels stay the default.  The first call of each kernel compiles
 it (a few seconds); the machine code is cached on disk next to this module.
+Calls from several Python threads take turns (not every numba threading layer
+takes concurrent calls); and, as with any OpenMP-threaded code, a process
+should not ``fork`` (without ``exec``) after its first kernel call.
 """
 from __future__ import annotations
 
@@ -249,17 +252,17 @@ def backward(dy, cache, reduce=None):
     x, weight = cache.x, cache.weight
     lay = _Layout(x.shape)
     mean = cache.mean
-    if dy.size:
-        sum_dy, sum_dyd = _sums(lay, dy, np.zeros(lay.C), x, mean)
-    else:
-        sum_dy, sum_dyd = np.zeros(lay.C), np.zeros(lay.C)
+    zero = np.zeros(lay.C)
+    sum_dy, sum_dyd = zero, zero
+    if dy.size and (not cache.frozen or weight is not None):
+        sum_dy, sum_dyd = _sums(lay, dy, zero, x, mean)
     sum_dy_xhat = cache.inv_std * sum_dyd
     dx = _new_output(dy)
-    zero = np.zeros(lay.C)
     k, c0, c3 = gradient_coefficients(np, cache, sum_dy, sum_dy_xhat, zero, reduce)
-    if cache.frozen:                                  # eval mode: dx = k * dy
-        c0 = c3 = zero
-    if dy.size:
+    if cache.frozen:                                  # eval mode: dx = k * dy, x plays no part
+        scale = lay.vec(k) if lay.cols else k.reshape(-1, 1)
+        np.multiply(lay.view(dy), scale, out=lay.view(dx), casting="unsafe")
+    elif dy.size:
         _call(_cols_grad if lay.cols else _rows_grad, lay.view(dy), lay.view(x), lay.vec(mean),
               lay.vec(k), lay.vec(c0), lay.vec(c3), lay.view(dx))
     if weight is None:

@@ -347,6 +347,21 @@ def test_given_statistics_and_reduce_hook_match_the_reference(ref, shape, loc):
     assert _max_err(dx, dx_f) <= 2e-5 * scale_dx + 8 * quant * np.abs(w).max() * istd.max()
 
 
+@pytest.mark.parametrize("shape", [(300, 17), (4, 6, 16, 16)], ids=lambda s: "x".join(map(str, s)))
+def test_eval_backward_does_not_touch_x(ref, shape):
+    """In eval mode dx = gamma / sqrt(var + eps) * dy: an infinite input value (its output
+    is infinite) must not turn any gradient into NaN."""
+    x, dy, w, b = _data(shape, np.float32, seed=13)
+    x[1, 2] = np.inf
+    mean, var = np.linspace(-1, 1, shape[1]), np.linspace(0.5, 2, shape[1])
+    y, cache = K.batch_norm_eval_forward(x, mean, var, w, b, EPS)
+    dx, dw, db = K.batch_norm_backward(dy, cache)
+    assert np.isinf(y[1, 2]).all() and np.isfinite(dx).all()
+    scale = (w.astype(np.float64) / np.sqrt(var + EPS)).reshape((1, -1) + (1,) * (x.ndim - 2))
+    np.testing.assert_allclose(dx, dy * scale, rtol=1e-6)
+    np.testing.assert_allclose(db, dy.astype(np.float64).sum(axis=ref.axes(x.ndim)), rtol=1e-5)
+
+
 def test_reduce_hook_is_not_called_in_eval_mode():
     x, dy, w, b = _data((50, 4, 40), np.float32)
     _, cache = K.batch_norm_eval_forward(x, np.zeros(4, np.float32), np.ones(4, np.float32), w, b)
