@@ -9,12 +9,14 @@ phase of batch norm in one pass, like the fused GPU kernels of
     backward           one read-only pass  -> sum(dy), sum(dy * (x - mean)) per channel
                        one element-wise pass -> dx = k * (dy - c0 - c3 * (x - mean))
 
-Deviations, products and sums are float64 inside the loops, so the
-statistics are float64-accurate for float32 data.  The shift only has to be
+Deviations, products and sums are float64 inside the statistics loops, so
+the statistics are float64-accurate for float32 data.  The shift only has to be
 near the mean: it is the mean of the first few values of each channel, and
 with float64 sums even a shift a thousand standard deviations off leaves
 about ten correct digits, so no second pass is needed (as on the GPU).
-The element-wise passes compute in float64 too and round once to the dtype.
+The element-wise passes compute in the input's dtype, like the NumPy and GPU
+kernels, around the mean rounded to the dtype (``x - mean`` is then exact for
+values near the mean).
 
 Two loop orders, as in ``kernels.py``: ``rows`` (spatial size ``S >= 32``)
 walks each ``(n, c)`` row of ``S`` contiguous values; ``cols`` (``(N, C)``
@@ -71,44 +73,51 @@ def handles(x) -> bool:
 if numba is not None:
 
     @njit(**_FLAGS)
-    def _rows_sums(u, su, v, sv, out):
+    def _rows_sums(u, su, v, sv, same, out):
         """out[n, c] = (sum p, sum p * q) over row (n, c), p = u - su[c], q = v - sv[c].
 
-        Statistics: u = v = x, su = sv = shift.  Gradient sums: u = dy, su = 0, v = x, sv = mean.
+        Statistics: u = v = x, su = sv = shift, and ``same`` says so (q is p: one read
+        and one subtraction less).  Gradient sums: u = dy, su = 0, v = x, sv = mean.
         """
         N, C, S = u.shape
         for i in prange(N * C):
             n, c = i // C, i % C
             a, b, s1, s2 = su[c], sv[c], 0.0, 0.0
-            for k in range(S):
-                p = np.float64(u[n, c, k]) - a
-                s1 += p
-                s2 += p * (np.float64(v[n, c, k]) - b)
+            if same:
+                for k in range(S):
+                    p = np.float64(u[n, c, k]) - a
+                    s1 += p
+                    s2 += p * p
+            else:
+                for k in range(S):
+                    p = np.float64(u[n, c, k]) - a
+                    s1 += p
+                    s2 += p * (np.float64(v[n, c, k]) - b)
             out[n, c, 0] = s1
             out[n, c, 1] = s2
 
     @njit(**_FLAGS)
     def _rows_affine(x, shift, a, b, y):
-        """y = (x - shift) * a + b, per channel."""
+        """y = (x - shift) * a + b, per channel (in the dtype of the constants)."""
         N, C, S = x.shape
         for i in prange(N * C):
             n, c = i // C, i % C
             s, ac, bc = shift[c], a[c], b[c]
             for k in range(S):
-                y[n, c, k] = (np.float64(x[n, c, k]) - s) * ac + bc
+                y[n, c, k] = (x[n, c, k] - s) * ac + bc
 
     @njit(**_FLAGS)
     def _rows_grad(dy, x, mean, k_, c0, c3, dx):
-        """dx = k * (dy - c0 - c3 * (x - mean)), per channel."""
+        """dx = k * (dy - c0 - c3 * (x - mean)), per channel (in the dtype of the constants)."""
         N, C, S = x.shape
         for i in prange(N * C):
             n, c = i // C, i % C
             m, kc, c0c, c3c = mean[c], k_[c], c0[c], c3[c]
             for k in range(S):
-                dx[n, c, k] = kc * (np.float64(dy[n, c, k]) - c0c - c3c * (np.float64(x[n, c, k]) - m))
+                dx[n, c, k] = kc * (dy[n, c, k] - c0c - c3c * (x[n, c, k] - m))
 
     @njit(**_FLAGS)
-    def _cols_sums(u, su, v, sv, out):
+    def _cols_sums(u, su, v, sv, same, out):
         """out[b] = (sum p, sum p * q) per column over block b of ROWS rows, p = u - su,
         q = v - sv (as in _rows_sums)."""
         N, W = u.shape
@@ -117,28 +126,34 @@ if numba is not None:
             s1[:] = 0.0
             s2[:] = 0.0
             for n in range(b * ROWS, min(N, (b + 1) * ROWS)):
-                for w in range(W):
-                    p = np.float64(u[n, w]) - su[w]
-                    s1[w] += p
-                    s2[w] += p * (np.float64(v[n, w]) - sv[w])
+                if same:
+                    for w in range(W):
+                        p = np.float64(u[n, w]) - su[w]
+                        s1[w] += p
+                        s2[w] += p * p
+                else:
+                    for w in range(W):
+                        p = np.float64(u[n, w]) - su[w]
+                        s1[w] += p
+                        s2[w] += p * (np.float64(v[n, w]) - sv[w])
 
     @njit(**_FLAGS)
     def _cols_affine(x, shift, a, b, y):
-        """y = (x - shift) * a + b, per column."""
+        """y = (x - shift) * a + b, per column (in the dtype of the constants)."""
         N, W = x.shape
         for blk in prange((N + ROWS - 1) // ROWS):
             for n in range(blk * ROWS, min(N, (blk + 1) * ROWS)):
                 for w in range(W):
-                    y[n, w] = (np.float64(x[n, w]) - shift[w]) * a[w] + b[w]
+                    y[n, w] = (x[n, w] - shift[w]) * a[w] + b[w]
 
     @njit(**_FLAGS)
     def _cols_grad(dy, x, mean, k_, c0, c3, dx):
-        """dx = k * (dy - c0 - c3 * (x - mean)), per column."""
+        """dx = k * (dy - c0 - c3 * (x - mean)), per column (in the dtype of the constants)."""
         N, W = x.shape
         for blk in prange((N + ROWS - 1) // ROWS):
             for n in range(blk * ROWS, min(N, (blk + 1) * ROWS)):
                 for w in range(W):
-                    dx[n, w] = k_[w] * (np.float64(dy[n, w]) - c0[w] - c3[w] * (np.float64(x[n, w]) - mean[w]))
+                    dx[n, w] = k_[w] * (dy[n, w] - c0[w] - c3[w] * (x[n, w] - mean[w]))
 
 
 # --------------------------------------------------------------------------- layout
@@ -159,9 +174,9 @@ class _Layout:
     def view(self, a):
         return a.reshape(self.shape)
 
-    def vec(self, v):
-        """A per-channel float64 vector in the kernels' form (repeated ``S`` times for cols)."""
-        v = np.ascontiguousarray(v, dtype=np.float64)
+    def vec(self, v, dtype=np.float64):
+        """A per-channel vector in the kernels' form (repeated ``S`` times for cols)."""
+        v = np.ascontiguousarray(v, dtype=dtype)
         return np.repeat(v, self.S) if self.cols and self.S > 1 else v
 
     def fold(self, parts):
@@ -180,11 +195,14 @@ class _Layout:
         return np.empty((self.N, self.C, 2))
 
 
-def _sums(layout, u, su, v, sv):
-    """``(sum (u - su), sum (u - su) * (v - sv))`` per channel, float64."""
+def _sums(layout, u, su, v=None, sv=None):
+    """``(sum (u - su), sum (u - su) * (v - sv))`` per channel, float64; without ``v``
+    and ``sv``: ``(sum (u - su), sum (u - su)^2)``."""
     parts = layout.partials()
-    _call(_cols_sums if layout.cols else _rows_sums, layout.view(u), layout.vec(su),
-          layout.view(v), layout.vec(sv), parts)
+    same = v is None
+    u, su = layout.view(u), layout.vec(su)
+    _call(_cols_sums if layout.cols else _rows_sums, u, su, u if same else layout.view(v),
+          su if same else layout.vec(sv), same, parts)
     return layout.fold(parts)
 
 
@@ -214,20 +232,24 @@ def moments(x, out=None):
         return m, z, z.copy(), z.copy()
     k = min(lay.N, max(1, -(-SHIFT_SAMPLE // lay.S)))
     shift = x[:k].reshape(k, lay.C, lay.S).mean(axis=(0, 2), dtype=np.float64)
-    sum_d, sum_d2 = _sums(lay, x, shift, x, shift)
+    sum_d, sum_d2 = _sums(lay, x, shift)
     dmean = sum_d / m
     var = np.maximum(sum_d2 / m - dmean * dmean, 0.0)
     return m, shift + dmean, var, shift
 
 
-def _affine(x, shift, a, b):
-    """``y = (x - shift) * a + b`` (float64 arithmetic, rounded once to the dtype)."""
+def _affine(x, mean, a, b):
+    """``y = (x - mean') * a + b`` in the dtype, with ``mean'`` the mean rounded to the dtype
+    (so that ``x - mean'`` is exact near the mean) and ``b`` corrected for the rounding."""
     from .kernels import _new_output
     lay = _Layout(x.shape)
+    dt = x.dtype
+    shift = mean.astype(dt)
+    b = b - (mean - shift.astype(np.float64)) * a
     y = _new_output(x)
     if x.size:
-        _call(_cols_affine if lay.cols else _rows_affine, lay.view(x), lay.vec(shift), lay.vec(a),
-              lay.vec(b), lay.view(y))
+        _call(_cols_affine if lay.cols else _rows_affine, lay.view(x), lay.vec(shift, dt),
+              lay.vec(a, dt), lay.vec(b, dt), lay.view(y))
     return y
 
 
@@ -258,13 +280,16 @@ def backward(dy, cache, reduce=None):
         sum_dy, sum_dyd = _sums(lay, dy, zero, x, mean)
     sum_dy_xhat = cache.inv_std * sum_dyd
     dx = _new_output(dy)
-    k, c0, c3 = gradient_coefficients(np, cache, sum_dy, sum_dy_xhat, zero, reduce)
+    dt = dy.dtype
+    mean_t = mean.astype(dt)                          # x - mean_t is exact near the mean
+    delta = mean - mean_t.astype(np.float64)
+    k, c0, c3 = gradient_coefficients(np, cache, sum_dy, sum_dy_xhat, delta, reduce)
     if cache.frozen:                                  # eval mode: dx = k * dy, x plays no part
         scale = lay.vec(k) if lay.cols else k.reshape(-1, 1)
         np.multiply(lay.view(dy), scale, out=lay.view(dx), casting="unsafe")
     elif dy.size:
-        _call(_cols_grad if lay.cols else _rows_grad, lay.view(dy), lay.view(x), lay.vec(mean),
-              lay.vec(k), lay.vec(c0), lay.vec(c3), lay.view(dx))
+        _call(_cols_grad if lay.cols else _rows_grad, lay.view(dy), lay.view(x), lay.vec(mean_t, dt),
+              lay.vec(k, dt), lay.vec(c0, dt), lay.vec(c3, dt), lay.view(dx))
     if weight is None:
         return dx, None, None
     return dx, sum_dy_xhat.astype(weight.dtype), sum_dy.astype(weight.dtype)
