@@ -37,9 +37,9 @@ How the passes are arranged:
   is broadcast over the tile's blocks.
 * **Reductions.**  Sums run in the input's dtype over short runs only: at
   most ``ROW_RUN`` contiguous values (BLAS dot products through
-  ``np.vecdot``), or ``COL_RUN`` rows for ``(N, C)``-like input
-  (``ones @ run`` through BLAS, ``einsum`` for products, down the columns).  The run sums are added up in
-  float64.  A float32 run of a few hundred values loses at most a few units
+  ``np.vecdot``), or ``COL_RUN`` rows for ``(N, C)``-like input (down the
+  columns: ``ones @ run`` through BLAS, ``einsum`` for products).  The run
+  sums of a pass are added up in float64, once, at its end.  A float32 run of a few hundred values loses at most a few units
   in the last place; float64 takes it from there, as in ``moments.py``.
 * **Threads.**  NumPy releases the GIL inside its loops, so for large inputs
   the tiles are shared out to ``num_threads()`` threads
@@ -358,9 +358,9 @@ class _Plan:
     """How an input shape is cut into tiles, and the tiles shared among threads.
 
     Reduction view: ``(N, C, S)`` (rows layout) or ``(N, W)`` with ``W = C*S``
-    (cols layout).  Partial sums: the run sums ``(N, C, runs per row)`` in the
-    dtype (rows layout), or one float64 row per block of tile rows,
-    ``(row blocks, W)`` (cols layout).  Element-wise view: the flat array when
+    (cols layout).  Partial sums, in the dtype: the run sums ``(N, C, runs per
+    row)`` (rows layout), or the sums of each run of ``COL_RUN`` rows,
+    ``(runs, W)`` (cols layout).  Element-wise view: the flat array when
     every tile is a contiguous segment lined up with the maps; ``(N / reps,
     reps * C*S)`` when a map of ``reps`` samples is broadcast over a tile's
     blocks of samples (``reps`` may be 1); ``(N, C, S)`` when
