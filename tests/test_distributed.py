@@ -10,6 +10,7 @@ must end (non-zero) instead of hanging.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -317,7 +318,15 @@ def test_ranks_that_disagree_on_channels_end_in_an_error(tmp_path, nprocs):
         y = mb.SyncBatchNorm(C)(np.ones((4, C), np.float32))
         print(f"rank {rank} got a result", flush=True)
     """)
-    text = out.stdout + out.stderr
-    assert out.returncode != 0
-    assert "disagree on the number of channels" in text or "truncated" in text.lower()
-    assert "got a result" not in out.stdout
+    assert out.returncode != 0                         # the job ends, in an error ...
+    assert "got a result" not in out.stdout            # ... before any rank gets a result
+    # An Allreduce whose ranks pass different counts is erroneous MPI, and what the job says
+    # varies from run to run: MPICH aborts with "Message truncated" on one rank, another rank
+    # may raise minibn's check first, and now and then (about 1 run in 30 here) the abort ends
+    # the job before any message reaches mpiexec's output.  Whatever error it does report
+    # must be one of those two.
+    errors = [line for line in (out.stdout + out.stderr).splitlines()
+              if re.match(r"\s*([\w.]*(Error|Exception)\b|Abort\()", line)]
+    if errors:
+        assert any("disagree on the number of channels" in e or "truncated" in e.lower()
+                   for e in errors), errors
