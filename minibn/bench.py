@@ -199,6 +199,13 @@ def numba_available() -> bool:
     return kernels_numba.available()
 
 
+def _numba_version() -> str:
+    if not numba_available():
+        return "not installed (pip install minibn[jit])"
+    import numba
+    return f"{numba.__version__}, {min(kernels.num_threads(), numba.config.NUMBA_NUM_THREADS)} thread(s)"
+
+
 def cpu_implementations(shape, dtype, torch=None):
     """``{name: (forward() -> state, backward(state))}`` for one shape and dtype."""
     x, dy, gamma, beta = _data(shape, dtype)
@@ -608,11 +615,12 @@ def main(argv=None) -> int:
         thread_speedup=thread_speedup(kernels.num_threads()),
         torch=(f"{torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}"
                if torch is not None else "not installed"),
-        repeats=repeats, warmup=warmup)
+        numba=_numba_version(), repeats=repeats, warmup=warmup)
     print("## minibn benchmark\n")
     print(f"- machine: {m['cpus']} CPU(s), {m['machine']}, Python {m['python']}, NumPy {m['numpy']}")
     print(f"- BLAS: {m['blas']}; environment: {m['blas_env']}")
     print(f"- PyTorch: {m['torch']}")
+    print(f"- numba (optional kernels, row '{NUMBA_ROW}'): {m['numba']}")
     print(f"- minibn kernel threads: {m['minibn_threads']}; copy bandwidth (64 MiB, same threads): "
           f"{dram_bw / 1e9:.1f} GB/s")
     print(f"- each implementation: {warmup} warm-up steps, then the median of {repeats} steps in a "
