@@ -552,6 +552,7 @@ def test_bench_quick_run_prints_tables(capsys, tiling):
     assert rc == 0
     assert "| BN1d (64, 8) | minibn |" in out and "| BN2d (4, 3, 9, 9) | reference |" in out
     assert "| BN1d (64, 8) | textbook |" in out and "GPU" not in out
+    assert ("| BN1d (64, 8) | minibn (numba) |" in out) == kernels_numba.available()
 
 
 @pytest.mark.slow
