@@ -41,9 +41,10 @@ def tiling(request, monkeypatch):
     cfg = TILINGS[request.param]
     if cfg == "numba":
         pytest.importorskip("numba")
+        monkeypatch.setattr(K, "_kind", K._kind)              # restored afterwards, whatever
+        monkeypatch.setattr(K, "_fast_kind", K._fast_kind)    # the process had selected
         K.use_kernels("numba")
         yield request.param
-        K.use_kernels("numpy")
         return
     if cfg is not None:
         tile, threads, small, map_min_n, col_run = cfg
@@ -462,18 +463,22 @@ def test_environment_variable_selects_the_reference_path(tiling):
 def test_kernel_choice_is_validated(monkeypatch, tiling):
     if tiling != "default":
         pytest.skip("independent of the tiling")
+    before = K.kernels_in_use()                                # numpy, or numba under test-numba
+    monkeypatch.setattr(K, "_kind", before)
+    monkeypatch.setattr(K, "_fast_kind", K._fast_kind)
     with pytest.raises(ValueError, match="use_kernels: expected one of numpy, numba, reference"):
         K.use_kernels("cuda")
     monkeypatch.setattr(kernels_numba, "numba", None)          # as if numba were not installed
     with pytest.raises(RuntimeError, match=r"pip install minibn\[jit\]"):
         K.use_kernels("numba")
-    assert K.kernels_in_use() == "numpy"                       # the failed choice changed nothing
+    with pytest.raises(RuntimeError, match=r"pip install minibn\[jit\]"):
+        with K.selected_kernels("numba"):
+            pass
+    assert K.kernels_in_use() == before                        # the failed choices changed nothing
     K.use_kernels("reference")
-    try:
-        assert not K.fast_kernels_enabled()
-    finally:
-        K.use_fast_kernels(True)
-    assert K.kernels_in_use() == "numpy"
+    assert not K.fast_kernels_enabled()
+    K.use_fast_kernels(True)                                   # back to the fast kernels chosen before
+    assert K.kernels_in_use() == before
 
 
 @pytest.mark.parametrize("cls, shape", [(mb.BatchNorm1d, (300, 17)), (mb.BatchNorm1d, (8, 6, 50)),
