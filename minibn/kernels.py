@@ -87,7 +87,7 @@ __all__ = [
     "batch_norm_forward", "batch_norm_eval_forward", "batch_norm_backward", "channel_moments",
     "KernelCache", "use_fast_kernels", "fast_kernels_enabled", "reference_kernels",
     "num_threads", "set_num_threads", "forward_coefficients", "backward_coefficients",
-    "gradient_coefficients",
+    "gradient_coefficients", "rounded_mean",
     "release_buffers", "use_kernels", "kernels_in_use", "selected_kernels", "KERNELS",
 ]
 
@@ -137,6 +137,15 @@ _kind = _parse_kernels(os.environ.get("MINIBN_KERNELS", "numpy"), "MINIBN_KERNEL
 _fast_kind = _kind if _kind != "reference" else "numpy"      # what use_fast_kernels(True) restores
 
 
+def _checked(name, where):
+    """A valid kernel name; selecting numba without numba installed fails here, not at the
+    first forward."""
+    name = _parse_kernels(name, where)
+    if name == "numba":
+        _numba_kernels()
+    return name
+
+
 def _numba_kernels():
     from . import kernels_numba
     if not kernels_numba.available():
@@ -149,9 +158,7 @@ def _numba_kernels():
 def use_kernels(name: str):
     """Select the kernels for NumPy arrays: ``"numpy"`` (default), ``"numba"`` or ``"reference"``."""
     global _kind, _fast_kind
-    name = _parse_kernels(name, "use_kernels")
-    if name == "numba":
-        _numba_kernels()                      # fail here, not at the first forward
+    name = _checked(name, "use_kernels")
     _kind = name
     if name != "reference":
         _fast_kind = name
@@ -177,9 +184,7 @@ def selected_kernels(name: str):
     """``with selected_kernels("numba"): ...`` runs the block on the kernels named (see
     :func:`use_kernels`), then restores the previous choice."""
     global _kind
-    name = _parse_kernels(name, "selected_kernels")
-    if name == "numba":
-        _numba_kernels()
+    name = _checked(name, "selected_kernels")
     saved, _kind = _kind, name
     try:
         yield
@@ -456,7 +461,7 @@ class _Plan:
             self.sample = (slice(0, min(N, 2)), slice(None), slice(0, min(S, SHIFT_SAMPLE // 2)))
 
     def _whole_rows(self, N, W, nb, rest):
-        """Tiles of about ``nb`` whole rows (samples) of ``W`` values; returns the ``nb`` used.
+        """Tiles of about ``nb`` whole rows (samples) of ``W`` values.
 
         With many such tiles and short rows, the maps cover ``nb`` rows and a
         tile is one flat operation.  Otherwise the maps cover a *block* of
@@ -487,7 +492,6 @@ class _Plan:
                 r = self.reps
                 self.tiles.append(self._tile((slice(n0 // r, n1 // r), slice(None)), slice(None), red,
                                              ((n1 - n0) // r, r * W)))
-        return nb
 
     def _tile(self, ew, mp, red, ew_shape):
         """A tile with its reduction pieces, from its index ``red`` in the reduction view."""
@@ -653,6 +657,16 @@ def backward_coefficients(sum_dy, sum_dy_xhat, count, inv_std, delta, weight):
     c3 = inv_std * sum_dy_xhat / count        # x_hat * sum_dy_xhat / m = c3 * (d - delta)
     c0 = sum_dy / count - c3 * delta
     return k, c0, c3
+
+
+def rounded_mean(mean, dtype):
+    """``(mean_t, delta)``: the float64 mean rounded to ``dtype``, and ``mean - mean_t``.
+
+    Element-wise kernels that compute in the input's dtype subtract ``mean_t``
+    (exact for values near the mean) and fold ``delta`` into their constants.
+    """
+    mean_t = mean.astype(dtype)
+    return mean_t, mean - mean_t.astype(np.float64)
 
 
 def gradient_coefficients(xp, cache, sum_dy, sum_dy_xhat, delta, reduce=None):

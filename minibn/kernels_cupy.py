@@ -153,9 +153,10 @@ def moments(x, out=None):
 def _affine(x, mean, a, b):
     """``y = (x - mean') * a + b`` with ``mean'`` the mean rounded to the dtype; ``b`` is
     corrected for the rounding."""
+    from .kernels import rounded_mean
     dt = x.dtype
-    shift = mean.astype(dt)
-    b = b - (mean - shift.astype(np.float64)) * a
+    shift, delta = rounded_mean(mean, dt)
+    b = b - delta * a
     y = cupy.empty_like(x)
     _get("affine")(_view(x), _column(shift, dt), _column(a, dt), _column(b, dt), _view(y))
     return y
@@ -179,7 +180,7 @@ def normalize(x, mean, var, weight, bias, eps):
 
 def backward(dy, cache, reduce=None):
     """``(dx, dweight, dbias)``: one reduction, one element-wise kernel."""
-    from .kernels import gradient_coefficients
+    from .kernels import gradient_coefficients, rounded_mean
     x, weight = cache.x, cache.weight
     N, C, S = _geometry(x)
     dt = dy.dtype
@@ -190,8 +191,7 @@ def backward(dy, cache, reduce=None):
         sum_dy, sum_dyd = cupy.zeros(C), cupy.zeros(C)
     sum_dy_xhat = cache.inv_std * sum_dyd
     dx = cupy.empty_like(dy)
-    mean_t = mean.astype(dt)
-    delta = mean - mean_t.astype(np.float64)
+    mean_t, delta = rounded_mean(mean, dt)
     k, c0, c3 = gradient_coefficients(cupy, cache, sum_dy, sum_dy_xhat, delta, reduce)
     if cache.frozen:                                  # eval mode: dx = k * dy
         cupy.multiply(_view(dy), _column(k, dt), out=_view(dx))

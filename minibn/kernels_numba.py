@@ -241,11 +241,11 @@ def moments(x, out=None):
 def _affine(x, mean, a, b):
     """``y = (x - mean') * a + b`` in the dtype, with ``mean'`` the mean rounded to the dtype
     (so that ``x - mean'`` is exact near the mean) and ``b`` corrected for the rounding."""
-    from .kernels import _new_output
+    from .kernels import _new_output, rounded_mean
     lay = _Layout(x.shape)
     dt = x.dtype
-    shift = mean.astype(dt)
-    b = b - (mean - shift.astype(np.float64)) * a
+    shift, delta = rounded_mean(mean, dt)
+    b = b - delta * a
     y = _new_output(x)
     if x.size:
         _call(_cols_affine if lay.cols else _rows_affine, lay.view(x), lay.vec(shift, dt),
@@ -270,7 +270,7 @@ def normalize(x, mean, var, weight, bias, eps):
 
 def backward(dy, cache, reduce=None):
     """``(dx, dweight, dbias)``: one read-only pass for the sums, one pass for ``dx``."""
-    from .kernels import _new_output, gradient_coefficients
+    from .kernels import _new_output, gradient_coefficients, rounded_mean
     x, weight = cache.x, cache.weight
     lay = _Layout(x.shape)
     mean = cache.mean
@@ -281,8 +281,7 @@ def backward(dy, cache, reduce=None):
     sum_dy_xhat = cache.inv_std * sum_dyd
     dx = _new_output(dy)
     dt = dy.dtype
-    mean_t = mean.astype(dt)                          # x - mean_t is exact near the mean
-    delta = mean - mean_t.astype(np.float64)
+    mean_t, delta = rounded_mean(mean, dt)            # x - mean_t is exact near the mean
     k, c0, c3 = gradient_coefficients(np, cache, sum_dy, sum_dy_xhat, delta, reduce)
     if cache.frozen:                                  # eval mode: dx = k * dy, x plays no part
         scale = lay.vec(k) if lay.cols else k.reshape(-1, 1)
