@@ -14,7 +14,7 @@ does three things besides calling MPI:
   ``(n, mean, var)`` with the article's section 6 formulas (see
   :func:`merge_moment_records`).
 
-Only two collectives exist, because SyncBatchNorm needs only two:
+Three collectives exist, because SyncBatchNorm needs only these:
 
 ``allreduce_sum(buf)``
     element-wise sum (``MPI.SUM``) of one packed buffer; used by the backward
@@ -23,6 +23,10 @@ Only two collectives exist, because SyncBatchNorm needs only two:
 ``allreduce_moments(records)``
     merge of moment records, one per channel, with :func:`merge_moment_records`
     as a commutative user-defined ``MPI.Op``; used by the forward pass.
+``allgather_ints(values)``
+    every rank's short, fixed-length row of integers; used once per layer, before
+    its first exchange, to check that all ranks' layers send messages of the same
+    size (a message whose length does not depend on the layer cannot truncate).
 
 mpi4py is imported lazily, so ``import minibn`` works without it; creating a
 communicator without it raises one ``ImportError`` saying what to install.
@@ -312,7 +316,7 @@ class Communicator:
             return "device" if cuda_aware() else "staged"
         return "host"
 
-    # -- the two collectives ---------------------------------------------------
+    # -- the three collectives ---------------------------------------------------
     def allreduce_sum(self, buf, tag: str = ""):
         """Element-wise sum of ``buf`` over all ranks, in one ``Allreduce``.
 
@@ -338,6 +342,20 @@ class Communicator:
             result = recv if xp is np else xp.asarray(recv)
         self.ledger.record("allreduce_sum", tag, send.nbytes, path)
         return result
+
+    def allgather_ints(self, values, tag: str = ""):
+        """Every rank's ``values``, a short row of integers, in one ``Allgather``.
+
+        Returns an int64 array of shape ``(size, len(values))`` whose row ``r``
+        came from rank ``r``, the same table on every rank.  All ranks must pass
+        rows of the same length; callers pass a length fixed by their code, never
+        by their data, so the messages always match and the call cannot truncate.
+        """
+        send = np.ascontiguousarray(values, dtype=np.int64).reshape(-1)
+        recv = np.empty((self.size, send.size), dtype=np.int64)
+        self.mpi_comm.Allgather(send, recv)
+        self.ledger.record("allgather_ints", tag, send.nbytes, "host")
+        return recv
 
     def allreduce_moments(self, records, tag: str = "", path: str = "host"):
         """Merge ``(n, mean, var)`` records over all ranks, in one ``Allreduce``.

@@ -3,7 +3,8 @@
 Each rank holds part of the global batch.  SyncBatchNorm normalizes every part
 with the statistics of the *whole* batch, so that P ranks together compute
 exactly what one process would compute on the concatenated batch.  Only two
-things cross between processes, each once per pass and each O(C) numbers:
+things cross between processes, each once per pass and each O(C) numbers
+(plus, once per layer, a check that the ranks agree on those sizes; below):
 
 Forward (training): the moments of the global batch
 ---------------------------------------------------
@@ -32,12 +33,12 @@ statistics).  The price: MPI runs a Python operation on host memory, so with
 CuPy the ``3 (C + 1)`` numbers of the forward are copied to the host and back
 (a few kilobytes); the backward's plain sum goes to a CUDA-aware MPI directly.
 
-The header record ``(-1, C, C)`` merges with min/max: if ranks disagree on the
-number of channels, every rank that completes the Allreduce sees
-``min C != max C`` and raises ``ValueError`` (ranks whose buffers are too
-small for a partner's longer message get MPI's own "message truncated" error,
-which ends the job), never a silently wrong result, and without a second
-collective.
+The header record ``(-1, C, C)`` merges with min/max, so a merged buffer says
+whether the ranks that filled it agreed on ``C`` (:func:`unpack_moments`
+checks it).  It cannot *prevent* a disagreement: an Allreduce whose ranks
+pass different lengths is erroneous MPI (MPICH ends the job with "message
+truncated"; a rank that catches an error leaves the others waiting).  The
+check below does.
 
 Backward: the global gradient sums
 ----------------------------------
@@ -46,6 +47,30 @@ whole batch (``functional.batch_norm_backward``).  One ``Allreduce`` (``SUM``)
 of one packed float64 buffer of ``2 C`` numbers.  ``weight.grad`` and
 ``bias.grad`` keep each rank's *local* share, as in PyTorch;
 :func:`allreduce_gradients` completes a data-parallel step.
+
+Once per layer: do all ranks exchange messages of the same size?
+-----------------------------------------------------------------
+Both messages' lengths follow from ``num_features`` (``3 (C + 1)`` and
+``2 C`` float64), and ``track_running_stats`` decides whether eval passes
+send them at all.  Before its first exchange, each layer gathers every rank's
+``(num_features, track_running_stats)`` with one ``Allgather`` of 2 int64 per
+rank (:meth:`Communicator.allgather_ints`).  That message has the same length
+on every rank whatever the layers look like, so it can neither truncate nor
+leave a rank waiting, and every rank receives the same table, so either all
+ranks go on or all raise the same ``ValueError`` (naming each rank's value and
+the layer) before anything else is sent.  Agreement is remembered on the layer
+(the two values are fixed at construction), so later passes pay nothing.  The
+ledger, with P > 1 ranks: the layer's first synchronized forward makes 2 calls
+(``allgather_ints`` 16 bytes, ``allreduce_moments`` ``24 (C + 1)`` bytes),
+every later one 1 call (``24 (C + 1)`` bytes), every backward 1 call
+(``allreduce_sum`` ``16 C`` bytes).  With one process there is nobody to
+disagree with, and no check.  The input's dtype and device do not enter the
+messages (they are float64 on every path).
+
+Not checked: the *mode*.  A rank in eval (with running statistics) sends
+nothing, so ranks still training wait for it in their forward's Allreduce, as
+in PyTorch; seeing that would take a collective in every eval pass, or a
+timeout.  Call ``train()``/``eval()`` on every rank together.
 
 Also: eval mode communicates nothing (unless ``track_running_stats=False``,
 when batch statistics are synchronized in eval too); a rank with an empty local
@@ -64,6 +89,7 @@ from .backend import asnumpy, get_array_module
 from .comm import (HEADER_MARK, INSTALL_HINT, RECORD_WIDTH, Communicator, Ledger, cuda_aware,
                    host_staging_forced, library_cuda_support, merge_moment_records)
 from . import functional as F
+from .checks import single_value_error
 from .moments import channel_moments, merge_moments, reduce_axes
 from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, Module, Parameter, _BatchNorm
 
@@ -144,19 +170,24 @@ class SyncBatchNorm(_BatchNorm):
     ``layer.comm.ledger`` counts what crossed between processes.
 
     Every rank must call ``forward`` and ``backward`` the same number of times
-    in the same order (they are collective), in the same mode.  With one
-    process it computes exactly what ``BatchNorm1d/2d/3d`` computes.
+    in the same order (they are collective), in the same mode.  The first
+    synchronized forward checks, once, that every rank built the layer with the
+    same ``num_features`` and ``track_running_stats``; if not, every rank
+    raises the same ``ValueError``.  With one process it computes exactly what
+    ``BatchNorm1d/2d/3d`` computes.
     """
 
     _ranks = None
     _rank_words = "at least 2-dimensional (N, C, *)"
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, affine: bool = True,
-                 track_running_stats: bool = True, comm=None, dtype=None):
+                 track_running_stats: bool = True, comm=None, dtype=None, *, bias: bool = True):
         communicator = Communicator.wrap(comm)      # fails first, and clearly, without mpi4py
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype=dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype=dtype,
+                         bias=bias)
         self.comm = communicator
         self.last_moments = None     # (N, mean, var) of the last synchronized batch, host float64
+        self._agreed_on = None       # the Communicator whose ranks agreed on this layer's messages
 
     def extra_repr(self):
         return super().extra_repr() + f", ranks={self.comm.size}"
@@ -170,9 +201,31 @@ class SyncBatchNorm(_BatchNorm):
         with _readable_path_if_empty(dy):
             return super().backward(dy)
 
+    # -- once per layer: do the ranks agree on what crosses? ----------------------
+    def _message_signature(self):
+        """What fixes the size of this layer's messages, and whether eval passes send them."""
+        return (self.num_features, int(self.track_running_stats))
+
+    def _check_ranks_agree(self):
+        """Raise the same ``ValueError`` on every rank if the ranks' layers would exchange
+        messages of different sizes; one fixed-size Allgather, the first time only."""
+        if self.comm.size == 1 or self._agreed_on is self.comm:
+            return
+        table = self.comm.allgather_ints(self._message_signature(), tag=f"{type(self).__name__}.check")
+        disagreements = [_describe_disagreement(name, table[:, column])
+                         for column, name in enumerate(SIGNATURE_FIELDS)
+                         if (table[:, column] != table[0, column]).any()]
+        if disagreements:
+            raise ValueError(f"{type(self).__name__}: the {self.comm.size} ranks disagree on "
+                             f"{' and on '.join(disagreements)}.  These decide which messages the "
+                             f"layer exchanges and their sizes, so it exchanged nothing; build it "
+                             f"with the same values on every rank (rank {self.comm.rank} has {self!r})")
+        self._agreed_on = self.comm
+
     # -- the two reductions that cross processes ----------------------------------
     def _batch_statistics(self, x):
         """Global ``(N, mean, var)``: local stable moments, merged by one Allreduce."""
+        self._check_ranks_agree()
         # >>> solution: syncbn.forward
         xp = get_array_module(x)
         count, mean, var = super()._batch_statistics(x)        # this rank's, as in BatchNorm
@@ -182,9 +235,8 @@ class SyncBatchNorm(_BatchNorm):
         total, g_mean, g_var = unpack_moments(merged, self.num_features)
         self.last_moments = (total, g_mean, g_var)
         if total == 1:
-            raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel over all "
-                             f"{self.comm.size} rank(s) when computing batch statistics, got 1 in "
-                             f"total (this rank's input has shape {tuple(x.shape)})")
+            raise single_value_error(x.shape, detail=f"1 value(s) per channel over all "
+                                     f"{self.comm.size} rank(s); the shape is this rank's part")
         return total, xp.asarray(g_mean), xp.asarray(g_var)
         # <<< solution: syncbn.forward
 
@@ -197,6 +249,28 @@ class SyncBatchNorm(_BatchNorm):
         total = self.comm.allreduce_sum(packed, tag=f"{type(self).__name__}.backward")
         return total[:C], total[C:]
         # <<< solution: syncbn.backward
+
+
+SIGNATURE_FIELDS = ("num_features", "track_running_stats")
+
+
+def _describe_disagreement(name, values):
+    """``'num_features (3 on rank 0; 4 on ranks 1-3, 5)'``: each value with the ranks that hold it."""
+    words = {"track_running_stats": lambda v: str(bool(v))}.get(name, str)
+    groups = [f"{words(v)} on {_rank_list(np.flatnonzero(values == v))}" for v in np.unique(values)]
+    return f"{name} ({'; '.join(groups)})"
+
+
+def _rank_list(ranks):
+    """``'rank 0'``, ``'ranks 1-3, 5'``: consecutive ranks as ranges."""
+    ranks = [int(r) for r in ranks]
+    ranges, start = [], ranks[0]
+    for previous, current in zip(ranks, ranks[1:] + [None]):
+        if current == previous + 1:
+            continue                        # the range goes on
+        ranges.append(str(start) if start == previous else f"{start}-{previous}")
+        start = current
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(ranges)
 
 
 def _readable_path_if_empty(a):
@@ -222,8 +296,8 @@ def convert_sync_batchnorm(module: Module, comm=None) -> Module:
     """Replace every BatchNorm1d/2d/3d in ``module`` (recursively) by a SyncBatchNorm.
 
     The new layers share the old ones' Parameter objects and buffer arrays,
-    and keep ``eps``, ``momentum``, ``affine``, ``track_running_stats`` and the
-    train/eval mode.  All converted layers share one
+    and keep ``eps``, ``momentum``, ``affine``, ``bias``, ``track_running_stats``
+    and the train/eval mode.  All converted layers share one
     :class:`~minibn.comm.Communicator` (one ledger).  Returns the module, or
     the new layer if ``module`` itself is a BatchNorm.
     """
@@ -237,11 +311,14 @@ def _convert(module, communicator):
         arrays = [a for a in (module.weight.data if module.affine else None,
                               module.running_mean if module.track_running_stats else None)
                   if a is not None]
+        has_bias = module._parameters.get("bias") is not None
         sync = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                              module.track_running_stats, comm=communicator,
-                             dtype=arrays[0].dtype if arrays else None)
+                             dtype=arrays[0].dtype if arrays else None, bias=has_bias)
         if module.affine:
-            sync.weight, sync.bias = module.weight, module.bias
+            sync.weight = module.weight
+            if has_bias:
+                sync.bias = module.bias
         if module.track_running_stats:
             for name in ("running_mean", "running_var", "num_batches_tracked"):
                 sync.register_buffer(name, module._buffers[name])

@@ -28,52 +28,35 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .backend import get_array_module
-from .moments import channel_moments, reduce_axes
+from .checks import (check_channel_vector, check_eps, check_floating, check_param_shape,
+                     single_value_error)
+from .moments import channel_moments, plain_array, reduce_axes
 
 __all__ = [
     "BNCache", "check_floating", "check_channel_vector", "channel_shape", "batch_norm_forward",
     "batch_norm_eval_forward",
     "normalize", "batch_norm_backward", "batch_norm_backward_graph", "batch_norm",
-    "update_running_stats",
+    "update_running_stats", "elementwise_out_of_range", "gradient_in_input_dtype",
 ]
 
 
 # --------------------------------------------------------------------------- helpers
-
-def check_floating(x, what: str = "input"):
-    """Raise TypeError unless ``x`` is a real floating-point array."""
-    dtype = getattr(x, "dtype", None)
-    if dtype is None or not np.issubdtype(dtype, np.floating):
-        raise TypeError(f"{what} must be a real floating-point array (float16/32/64), "
-                        f"got {type(x).__name__} of dtype {dtype}")
-
 
 def channel_shape(ndim: int, channel_axis: int = 1):
     """Shape that broadcasts a per-channel vector ``(C,)`` against the input."""
     return tuple(-1 if a == channel_axis else 1 for a in range(ndim))
 
 
-def check_channel_vector(v, num_channels: int, what: str):
-    """Raise unless ``v`` is ``None`` or an array of shape ``(num_channels,)``.
+def _check_bn_arguments(x, mean, var, weight, bias, names=("mean", "var")):
+    """Batch-norm input checks: a floating ``(N, C, *)`` input and ``(C,)`` vectors.
 
-    Without this check a vector of the wrong length could broadcast silently
-    (a ``(3,)`` gamma against a one-channel input gives three output channels).
+    ``names`` are the caller's names for the statistics (``running_mean``/``running_var``
+    in :func:`batch_norm`), so that an error names the argument the user passed.
     """
-    if v is None:
-        return
-    shape = getattr(v, "shape", None)
-    if shape is None or tuple(shape) != (num_channels,):
-        given = f"shape {tuple(shape)}" if shape is not None else type(v).__name__
-        raise ValueError(f"{what} must have shape ({num_channels},), one value per channel of the "
-                         f"input, got {given}")
-
-
-def _check_bn_arguments(x, mean, var, weight, bias):
-    """Batch-norm input checks: a floating ``(N, C, *)`` input and ``(C,)`` vectors."""
     check_floating(x)
     if x.ndim < 2:
         raise ValueError(f"batch norm expects input of shape (N, C, *), got shape {tuple(x.shape)}")
-    for v, what in ((mean, "mean"), (var, "var"), (weight, "weight"), (bias, "bias")):
+    for v, what in ((mean, names[0]), (var, names[1]), (weight, "weight"), (bias, "bias")):
         check_channel_vector(v, x.shape[1], what)
     get_array_module(x, mean, var, weight, bias)      # one device: NumPy and CuPy are not mixed
 
@@ -85,6 +68,38 @@ def _per_channel(v, ndim, dtype):
 
 def _elementwise_dtype(x):
     return np.promote_types(x.dtype, np.float32)
+
+
+def elementwise_out_of_range(dtype, count, var, weight, eps) -> bool:
+    """True when the element-wise work of a normalization may leave the range of ``dtype``.
+
+    The element-wise passes compute in the input's dtype (float32 for float16).
+    That is exact enough unless the numbers involved approach the ends of its
+    range: deviations ``x - mean`` beyond ``max / 4`` (they are at most
+    ``sqrt(count * var)``, ``var`` the biased variance of ``count`` values; not
+    checked when ``count`` is None, for statistics not taken from ``x``), or a
+    per-channel scale ``gamma / sqrt(var + eps)`` or ``1 / sqrt(var + eps)`` that
+    is subnormal (digits lost) or beyond ``max / 4``.  float32 data of magnitude
+    ``1e37`` and more trips it; the normalization is then done in float64.
+    Channels with a non-finite variance (``inf``/``NaN`` in the data) are left out.
+    """
+    dt = np.promote_types(dtype, np.float32)
+    if dt == np.float64:
+        return False
+    info = np.finfo(dt)
+    xp = get_array_module(var)
+    var = var.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        finite = xp.isfinite(var)
+        var = xp.where(finite, var, 0.0)
+        inv_std = 1.0 / xp.sqrt(var + eps)
+        scale = inv_std * xp.abs(weight.astype(np.float64)) if weight is not None else inv_std
+        small, large = info.tiny * 16, info.max / 4
+        bad = ((inv_std < small) | (inv_std > large)
+               | ((scale != 0) & (scale < small)) | (xp.isfinite(scale) & (scale > large)))
+        if count is not None:
+            bad |= xp.sqrt(count * var) > large
+    return bool(xp.any(finite & bad))
 
 
 @dataclass
@@ -107,6 +122,11 @@ class BNCache:
     count: int
     frozen: bool = False
 
+    def __post_init__(self):
+        # the cache's own copy: editing the caller's x in place after the forward
+        # must not change the backward (batch_norm_backward_graph reads x)
+        self.x = plain_array(self.x).copy()
+
     @property
     def axes(self):
         return reduce_axes(self.x_hat.ndim)
@@ -123,7 +143,15 @@ def normalize(x, mean, var, weight, bias, eps):
     removed per channel afterwards: ``x_hat = (x - shift) / std - (mean - shift) / std``.
     Without that last term a float32 input with ``|mean| >> std`` would be
     normalized around a mean that is off by up to half a float32 ulp of the mean.
+
+    Where the element-wise dtype's range is too small for the numbers
+    (:func:`elementwise_out_of_range`: float32 data near ``1e37`` and beyond) the
+    work is done in float64: ``x_hat`` is then float64 and ``y`` is rounded to
+    the input's dtype once, at the end.
     """
+    if x.ndim >= 2 and x.size and elementwise_out_of_range(x.dtype, x.size // x.shape[1], var, weight, eps):
+        y, x_hat, inv_std = normalize(x.astype(np.float64), mean, var, weight, bias, eps)
+        return y.astype(x.dtype), x_hat, inv_std
     # >>> solution: bn_forward.normalize
     xp = get_array_module(x)
     dt = _elementwise_dtype(x)
@@ -152,12 +180,12 @@ def batch_norm_forward(x, weight=None, bias=None, eps: float = 1e-5, stats=None)
     (SyncBatchNorm passes the global ones); by default they are this batch's.
     Returns ``(y, cache)``.
     """
+    eps = check_eps(eps)
     _check_bn_arguments(x, None, None, weight, bias)
     # >>> solution: bn_forward.stats
     count, mean, var = stats if stats is not None else channel_moments(x, reduce_axes(x.ndim))
     if count <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input of shape "
-                         f"{tuple(x.shape)} ({count} value(s) per channel)")
+        raise single_value_error(x.shape, detail=f"{count} value(s) per channel")
     y, x_hat, inv_std = normalize(x, mean, var, weight, bias, eps)
     return y, BNCache(x, x_hat, mean, var, inv_std, weight, eps, count)
     # <<< solution: bn_forward.stats
@@ -165,6 +193,7 @@ def batch_norm_forward(x, weight=None, bias=None, eps: float = 1e-5, stats=None)
 
 def batch_norm_eval_forward(x, mean, var, weight=None, bias=None, eps: float = 1e-5):
     """Forward with fixed statistics (inference). Returns ``(y, cache)``."""
+    eps = check_eps(eps)
     _check_bn_arguments(x, mean, var, weight, bias)
     count = x.size // max(x.shape[1], 1) if x.ndim >= 2 else 0
     y, x_hat, inv_std = normalize(x, mean, var, weight, bias, eps)
@@ -179,11 +208,34 @@ def _sum(a, axes):
     return xp.sum(a, axis=axes, dtype=np.float64)
 
 
-def _check_dy(dy, cache: BNCache):
+def gradient_in_input_dtype(dy, shape, dtype):
+    """``dy`` checked against the forward's output ``shape`` and cast to the input's ``dtype``.
+
+    The incoming gradient takes the dtype of the output it belongs to, as
+    PyTorch's autograd does: float64 ``dy`` for a float32 forward gives the
+    result of ``dy.astype(float32)``.  A finite value that does not fit that
+    dtype (float64 ``dy`` beyond 65504 for float16) is an ``OverflowError``.
+    """
     check_floating(dy, "dy")
-    if tuple(dy.shape) != tuple(cache.x_hat.shape):
+    dy = plain_array(dy, "dy")
+    if tuple(dy.shape) != tuple(shape):
         raise ValueError(f"dy has shape {tuple(dy.shape)}, expected the forward output's shape "
-                         f"{tuple(cache.x_hat.shape)}")
+                         f"{tuple(shape)}")
+    if dy.dtype == dtype:
+        return dy
+    xp = get_array_module(dy)
+    with np.errstate(over="ignore"):
+        cast = dy.astype(dtype)
+    if not bool(xp.isfinite(cast).all()) and bool(xp.isfinite(dy).all()):
+        raise OverflowError(f"dy ({dy.dtype}) has values beyond the range of the forward input's dtype "
+                            f"{np.dtype(dtype)} (max {np.finfo(dtype).max:g}), to which the gradient "
+                            f"is cast; run the forward in float64")
+    return cast
+
+
+def _check_dy(dy, cache: BNCache):
+    """``dy`` checked and cast to the dtype of the forward's input (:func:`gradient_in_input_dtype`)."""
+    return gradient_in_input_dtype(dy, cache.x_hat.shape, cache.x.dtype)
 
 
 def batch_norm_backward(dy, cache: BNCache, reduce=None):
@@ -193,8 +245,12 @@ def batch_norm_backward(dy, cache: BNCache, reduce=None):
     otherwise they are the sums over *this* batch.  ``reduce``, if given, maps
     the local per-channel ``(sum dy, sum dy*x_hat)`` to the global ones before
     they enter ``dx`` (SyncBatchNorm passes an Allreduce here).
+
+    ``dy`` of another float dtype than the forward's input is first cast to the
+    input's dtype (PyTorch's autograd does the same), so ``dx`` has the input's
+    dtype and the result equals that of ``dy.astype(x.dtype)``.
     """
-    _check_dy(dy, cache)
+    dy = _check_dy(dy, cache)
     # >>> solution: bn_backward
     axes = cache.axes
     local_dbias = _sum(dy, axes)
@@ -236,7 +292,7 @@ def batch_norm_backward_graph(dy, cache: BNCache):
     if cache.frozen:
         raise ValueError("batch_norm_backward_graph is the training-mode derivation; "
                          "in eval mode the statistics are constants")
-    _check_dy(dy, cache)
+    dy = _check_dy(dy, cache)
     xp = get_array_module(dy)
     axes = cache.axes
     shape = channel_shape(dy.ndim)
@@ -269,6 +325,29 @@ def batch_norm_backward_graph(dy, cache: BNCache):
 
 # --------------------------------------------------------------------------- running statistics
 
+def _check_running_stats_fit(running_mean, running_var, mean, var, count, a):
+    """``OverflowError``, before anything is written, when a running statistic's new value
+    does not fit its buffer's dtype (float32 data of magnitude 1e20 has a variance of
+    1e40: exact in float64, infinite in a float32 ``running_var``)."""
+    bessel = count / (count - 1)
+    for name, buf, batch in (("running_mean", running_mean, mean), ("running_var", running_var, var * bessel)):
+        if buf is None or not np.issubdtype(buf.dtype, np.floating) or buf.dtype == np.float64:
+            continue
+        xp = get_array_module(buf)
+        with np.errstate(over="ignore", invalid="ignore"):
+            step = xp.abs(a * batch)
+            new = xp.abs((1.0 - a) * buf.astype(np.float64) + a * batch)
+            limit = float(np.finfo(buf.dtype).max)
+            too_big = (xp.isfinite(new) & (new > limit)) | (xp.isfinite(step) & (step > limit))
+        if bool(xp.any(too_big)):
+            worst = float(xp.max(xp.where(too_big, xp.maximum(new, step), 0.0)))
+            raise OverflowError(
+                f"{name} would overflow its dtype {buf.dtype}: the new value {worst:.3g} is beyond its "
+                f"largest value {limit:.3g} (the batch statistics themselves are exact in float64). "
+                f"Keep the running statistics in float64 (e.g. BatchNorm2d(C, dtype=np.float64)) or "
+                f"rescale the input; nothing was updated")
+
+
 def update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float):
     """The article's EMA, in place: ``running <- (1 - a) running + a batch``.
 
@@ -278,10 +357,13 @@ def update_running_stats(running_mean, running_var, mean, var, count: int, momen
     """
     if count < 2:
         raise ValueError(f"running statistics need more than 1 value per channel, got {count}")
+    check_channel_vector(running_mean, len(mean), "running_mean")
+    check_channel_vector(running_var, len(mean), "running_var")
     get_array_module(running_mean, running_var, mean, var)   # one device
     a = float(momentum)
     if not 0.0 <= a <= 1.0:
         raise ValueError(f"momentum must be in [0, 1] (the weight of the new batch), got {momentum!r}")
+    _check_running_stats_fit(running_mean, running_var, mean, var, count, a)
     # >>> solution: running_stats
     unbiased_var = var * (count / (count - 1))
     if running_mean is not None:
@@ -308,6 +390,8 @@ def batch_norm_with_cache(x, running_mean, running_var, weight=None, bias=None,
                           training: bool = False, momentum: Optional[float] = 0.1,
                           eps: float = 1e-5) -> Tuple[object, BNCache]:
     """:func:`batch_norm`, also returning the cache for :func:`batch_norm_backward`."""
+    eps = check_eps(eps)
+    _check_bn_arguments(x, running_mean, running_var, weight, bias, names=("running_mean", "running_var"))
     if training:
         y, cache = batch_norm_forward(x, weight, bias, eps)
         if running_mean is not None or running_var is not None:
@@ -379,12 +463,10 @@ def row_norm_backward(dy, cache: RowNormCache):
     """Backward of LayerNorm, GroupNorm and InstanceNorm (training statistics).
 
     Returns ``(dx, dweight, dbias)``; ``dweight``/``dbias`` are ``None`` for a
-    missing parameter.
+    missing parameter.  ``dy`` is cast to the input's dtype first, as in
+    :func:`batch_norm_backward`.
     """
-    check_floating(dy, "dy")
-    if tuple(dy.shape) != tuple(cache.x_hat.shape):
-        raise ValueError(f"dy has shape {tuple(dy.shape)}, expected the forward output's shape "
-                         f"{tuple(cache.x_hat.shape)}")
+    dy = gradient_in_input_dtype(dy, cache.x_hat.shape, cache.rows.x.dtype)
     # >>> solution: ln_gn_backward
     dt = _elementwise_dtype(dy)
     dweight = dbias = None
@@ -399,14 +481,6 @@ def row_norm_backward(dy, cache: RowNormCache):
     dx3, _, _ = batch_norm_backward(g.reshape(cache.rows.x_hat.shape), cache.rows)
     return dx3.reshape(dy.shape).astype(dy.dtype, copy=False), dweight, dbias
     # <<< solution: ln_gn_backward
-
-
-def _check_param(v, shape, what, layer):
-    if v is None:
-        return
-    check_floating(v, f"{layer} {what}")
-    if tuple(v.shape) != tuple(shape):
-        raise ValueError(f"{layer}: {what} must have shape {tuple(shape)}, got {tuple(v.shape)}")
 
 
 def _normalized_shape(normalized_shape):
@@ -431,16 +505,25 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps: float =
 
     ``x`` has shape ``(*, *normalized_shape)``; ``weight``/``bias`` have shape
     ``normalized_shape`` (one value per normalized element).  Returns ``(y, cache)``.
+
+    A ``normalized_shape`` of one element is a ``ValueError``: each row would be
+    its own mean, and the output the bias whatever the input.  (Deliberate
+    difference: PyTorch returns that output without a word.)
     """
     shape = _normalized_shape(normalized_shape)
+    eps = check_eps(eps)
     check_floating(x, "LayerNorm input")
     k = len(shape)
     if x.ndim < k or tuple(x.shape[x.ndim - k:]) != shape:
         raise ValueError(f"LayerNorm: normalized_shape={list(shape)} expects input of shape "
                          f"[*, {', '.join(map(str, shape))}], got input of shape {tuple(x.shape)}")
-    _check_param(weight, shape, "weight", "LayerNorm")
-    _check_param(bias, shape, "bias", "LayerNorm")
+    check_param_shape(weight, shape, "weight", "LayerNorm")
+    check_param_shape(bias, shape, "bias", "LayerNorm")
     m = int(np.prod(shape))
+    if m == 1:
+        raise single_value_error(x.shape, "value in normalized_shape", when="", detail=(
+            f"normalized_shape={shape}: each row would be normalized over one value, so the "
+            f"output would be the bias (0 without it) whatever the input"))
     rows = int(np.prod(x.shape[:x.ndim - k]))
     return _row_norm_forward(x, rows, m, weight, bias, shape, tuple(range(x.ndim - k)), eps)
 
@@ -463,7 +546,14 @@ def group_norm_forward(x, num_groups: int, weight=None, bias=None, eps: float = 
 
     ``x`` has shape ``(N, C, *)``; ``weight``/``bias`` have shape ``(C,)``.
     Returns ``(y, cache)``.
+
+    One value per group (``C / num_groups * prod(spatial) == 1``) is a
+    ``ValueError``, as batch norm's one value per channel is: the output would be
+    the bias whatever the input.  (Deliberate difference: PyTorch raises only
+    when the whole batch holds one value per group, ``N = 1``, and otherwise
+    returns that output.)
     """
+    eps = check_eps(eps)
     check_floating(x, "GroupNorm input")
     if x.ndim < 2:
         raise ValueError(f"GroupNorm expects input of shape (N, C, *), got shape {tuple(x.shape)}")
@@ -473,10 +563,14 @@ def group_norm_forward(x, num_groups: int, weight=None, bias=None, eps: float = 
     if C % num_groups:
         raise ValueError(f"GroupNorm: the {C} channels of the input (shape {tuple(x.shape)}) must be "
                          f"divisible by num_groups ({num_groups})")
-    _check_param(weight, (C,), "weight", "GroupNorm")
-    _check_param(bias, (C,), "bias", "GroupNorm")
+    check_param_shape(weight, (C,), "weight", "GroupNorm")
+    check_param_shape(bias, (C,), "bias", "GroupNorm")
     rows = N * int(num_groups)
     m = (C // int(num_groups)) * int(np.prod(x.shape[2:]))
+    if m == 1:
+        raise single_value_error(x.shape, "value per group", when="", detail=(
+            f"num_groups={num_groups}: each group holds one value, so the output would be the "
+            f"bias (0 without it) whatever the input"))
     return _row_norm_forward(x, rows, m, weight, bias, channel_shape(x.ndim),
                              reduce_axes(x.ndim), eps)
 
@@ -496,9 +590,8 @@ def group_norm(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5):
 def _check_spatial_size(x):
     spatial = int(np.prod(x.shape[2:]))
     if spatial == 1:
-        raise ValueError(f"Expected more than 1 spatial element when training, got input of shape "
-                         f"{tuple(x.shape)} (instance norm takes its statistics over the spatial "
-                         f"positions of each sample and channel)")
+        raise single_value_error(x.shape, "spatial element", detail=(
+            "instance norm takes its statistics over the spatial positions of each sample and channel"))
 
 
 def instance_norm_forward(x, weight=None, bias=None, eps: float = 1e-5):
@@ -508,10 +601,13 @@ def instance_norm_forward(x, weight=None, bias=None, eps: float = 1e-5):
     (``ValueError`` otherwise, as in PyTorch).  Returns ``(y, cache)``;
     ``cache.rows.mean``/``.var`` hold the ``N * C`` statistics, sample-major.
     """
+    eps = check_eps(eps)
     check_floating(x, "InstanceNorm input")
     if x.ndim < 3:
         raise ValueError(f"InstanceNorm expects input of shape (N, C, *spatial), got shape "
                          f"{tuple(x.shape)}")
+    check_param_shape(weight, (x.shape[1],), "weight", "InstanceNorm")
+    check_param_shape(bias, (x.shape[1],), "bias", "InstanceNorm")
     _check_spatial_size(x)
     return group_norm_forward(x, x.shape[1], weight, bias, eps)
 
@@ -526,6 +622,11 @@ def instance_norm_backward(dy, cache):
 def instance_norm_with_cache(x, running_mean=None, running_var=None, weight=None, bias=None,
                              use_input_stats: bool = True, momentum: float = 0.1, eps: float = 1e-5):
     """:func:`instance_norm`, also returning the cache for :func:`instance_norm_backward`."""
+    eps = check_eps(eps)
+    check_floating(x, "InstanceNorm input")
+    if x.ndim >= 2:
+        check_channel_vector(running_mean, x.shape[1], "running_mean")
+        check_channel_vector(running_var, x.shape[1], "running_var")
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise ValueError("instance_norm: use_input_stats=False needs running_mean and running_var")
@@ -533,8 +634,6 @@ def instance_norm_with_cache(x, running_mean=None, running_var=None, weight=None
     y, cache = instance_norm_forward(x, weight, bias, eps)
     if running_mean is not None or running_var is not None:
         N, C = x.shape[0], x.shape[1]
-        check_channel_vector(running_mean, C, "running_mean")
-        check_channel_vector(running_var, C, "running_var")
         if N > 0:
             # PyTorch's rule: each sample updates the running statistics as if it
             # were its own batch, which averages the per-sample statistics over N.

@@ -81,7 +81,7 @@ import numpy as np
 
 from . import functional as F
 from .backend import get_array_module
-from .moments import channel_moments as _reference_moments, reduce_axes
+from .moments import channel_moments as _reference_moments, plain_array, reduce_axes
 
 __all__ = [
     "batch_norm_forward", "batch_norm_eval_forward", "batch_norm_backward", "channel_moments",
@@ -110,7 +110,7 @@ DIRECT_RATIO = 0.5            # no shift when the sample's |mean| / std is below
 REDO_RATIO = 1.0              # redo the statistics pass when |mean - shift| > REDO_RATIO * std
 SHIFT_RATIO = 2.0             # given statistics: subtract the mean first when |mean| / std > this
 RECYCLE_MIN_BYTES = 1 << 20   # outputs at least this big are recycled once their user drops them
-RECYCLE_KEEP = 3              # ... keeping at most this many per shape and dtype
+RECYCLE_KEEP = 5              # ... keeping at most this many per shape and dtype (y, dx, the cache's x)
 RECYCLE_SHAPES = 8            # ... for at most this many shapes
 
 _FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -688,13 +688,43 @@ def gradient_coefficients(xp, cache, sum_dy, sum_dy_xhat, delta, reduce=None):
     return backward_coefficients(sum_dy, sum_dy_xhat, cache.count, cache.inv_std, delta, weight)
 
 
+# --------------------------------------------------------------------------- out of range
+# The element-wise passes and the float32 run sums work in the input's dtype.  Inputs
+# whose numbers leave its range (float32 data near 1e19 and beyond: squares overflow;
+# near 1e37: scales become subnormal) are handed to the readable path, which forms
+# what does not fit in float64 (moments.channel_moments, functional.normalize).
+
+class _NeedsFloat64(Exception):
+    """Raised by a kernel, before it writes anything the caller sees, for such inputs."""
+
+
+def _all_finite(*arrays):
+    return all(bool(get_array_module(a).isfinite(a).all()) for a in arrays)
+
+
+def _check_sums(sums, *inputs):
+    """``_NeedsFloat64`` when float sums overflowed although every input is finite."""
+    if not _all_finite(*sums) and _all_finite(*inputs):
+        raise _NeedsFloat64
+
+
+def _check_range(x, count, var, weight, eps):
+    """``_NeedsFloat64`` when normalizing ``x`` in its dtype could overflow or go subnormal."""
+    if F.elementwise_out_of_range(x.dtype, count, var, weight, eps):
+        raise _NeedsFloat64
+
+
 # --------------------------------------------------------------------------- the cache
 
 class KernelCache(F.BNCache):
     """What the fast backward needs: ``x`` and the statistics, no ``x_hat``.
 
+    ``x`` is the cache's own copy of the forward's input (the kernels write it
+    in the forward's element-wise pass, while each tile is in cache): editing
+    the caller's array after the forward does not change the backward.
+
     It is a :class:`functional.BNCache`, so the reference backward accepts it
-    too: ``x_hat`` is then computed on first access (as the reference does).
+    too: ``x_hat`` is then computed on first access, by ``functional.normalize``.
     """
 
     def __init__(self, x, mean, var, inv_std, weight, eps, count, frozen=False):
@@ -705,10 +735,7 @@ class KernelCache(F.BNCache):
     @property
     def x_hat(self):
         if self._x_hat is None:
-            dt = np.promote_types(self.x.dtype, np.float32)
-            shape = F.channel_shape(self.x.ndim)
-            self._x_hat = ((self.x - self.mean.reshape(shape).astype(dt))
-                           * self.inv_std.reshape(shape).astype(dt))
+            self._x_hat = F.normalize(self.x, self.mean, self.var, None, None, self.eps)[1]
         return self._x_hat
 
     @x_hat.setter
@@ -789,23 +816,26 @@ class _NumpyKernels:
             z = np.zeros(C)
             return m, z, z.copy(), None
         sample = plan.red_view(x)[plan.sample]          # rough numbers are enough here
-        if plan.cols:
-            n_s = sample.shape[0]
-            s1, s2 = np.add.reduce(sample, axis=0), np.einsum("ij,ij->j", sample, sample)
-        else:
-            n_s = sample.shape[0] * sample.shape[2]
-            s1, s2 = sample.sum(axis=(0, 2)), np.einsum("ijk,ijk->j", sample, sample)
-        guess = s1.astype(np.float64) / n_s
-        spread = s2.astype(np.float64) / n_s - guess * guess
+        with np.errstate(over="ignore", invalid="ignore"):   # a guess: overflow is checked below
+            if plan.cols:
+                n_s = sample.shape[0]
+                s1, s2 = np.add.reduce(sample, axis=0), np.einsum("ij,ij->j", sample, sample)
+            else:
+                n_s = sample.shape[0] * sample.shape[2]
+                s1, s2 = sample.sum(axis=(0, 2)), np.einsum("ijk,ijk->j", sample, sample)
+            guess = s1.astype(np.float64) / n_s
+            spread = s2.astype(np.float64) / n_s - guess * guess
         if plan.cols and plan.S > 1:
             guess = guess.reshape(C, plan.S).mean(axis=1)
             spread = spread.reshape(C, plan.S).mean(axis=1)
         centred = np.all(guess * guess <= DIRECT_RATIO * DIRECT_RATIO * spread)
         shift = None if centred else guess.astype(x.dtype).astype(np.float64)
         for _ in range(2):
-            s_d, s_d2 = cls._shifted_sums(plan, x, shift, out)
-            dmean = s_d / m
-            var = np.maximum(s_d2 / m - dmean * dmean, 0.0)
+            with np.errstate(over="ignore", invalid="ignore"):     # checked below
+                s_d, s_d2 = cls._shifted_sums(plan, x, shift, out)
+                dmean = s_d / m
+                var = np.maximum(s_d2 / m - dmean * dmean, 0.0)
+            _check_sums((dmean, var), x)          # squares beyond the dtype: float64 is needed
             mean = dmean if shift is None else shift + dmean
             if not np.any(dmean * dmean > REDO_RATIO * REDO_RATIO * var):
                 break
@@ -818,19 +848,22 @@ class _NumpyKernels:
         """Training forward with this batch's statistics: ``(y, cache)``."""
         y = _new_output(x)
         count, mean, var, shift = cls.moments(x, y)      # y holds x - shift if there is a shift
+        _check_range(x, count, var, weight, eps)
         inv_std, a, b = forward_coefficients(np, mean, var, shift if shift is not None else 0.0,
                                              weight, bias, eps)
         plan = _plan(x)
-        xe, ye = plan.ew_view(x), plan.ew_view(y)
+        kept = _new_output(x)                            # the cache's own copy of x
+        xe, ye, ke = plan.ew_view(x), plan.ew_view(y), plan.ew_view(kept)
         a_m, b_m = plan.maps(x.dtype, a, b)
 
         def affine(t, _):
             yt = ye[t.ew]
+            np.copyto(ke[t.ew], xe[t.ew])
             np.multiply(xe[t.ew] if shift is None else yt, a_m[t.mp], out=yt)
             np.add(yt, b_m[t.mp], out=yt)
 
         _run(plan, affine)
-        return y, KernelCache(x, mean, var, inv_std, weight, eps, count)
+        return y, KernelCache(kept, mean, var, inv_std, weight, eps, count)
 
     @staticmethod
     def _shift_for(x, mean, inv_std):
@@ -847,16 +880,17 @@ class _NumpyKernels:
 
     @classmethod
     def normalize(cls, x, mean, var, weight, bias, eps):
-        """``y`` with given statistics (eval mode, or SyncBN's global ones): ``(y, inv_std)``.
+        """``y`` with given statistics (eval mode, or SyncBN's global ones):
+        ``(y, inv_std, kept)``, ``kept`` a copy of ``x`` for the cache.
 
-        One pass, two operations per tile (three with a shift).
+        One pass, two operations per tile (three with a shift) and the copy.
         """
         shift = cls._shift_for(x, mean, 1.0 / np.sqrt(var + eps))
         inv_std, a, b = forward_coefficients(np, mean, var, shift if shift is not None else 0.0,
                                              weight, bias, eps)
-        y = _new_output(x)
+        y, kept = _new_output(x), _new_output(x)
         plan = _plan(x)
-        xe, ye = plan.ew_view(x), plan.ew_view(y)
+        xe, ye, ke = plan.ew_view(x), plan.ew_view(y), plan.ew_view(kept)
         if shift is None:
             a_m, b_m = plan.maps(x.dtype, a, b)
         else:
@@ -864,6 +898,7 @@ class _NumpyKernels:
 
         def affine(t, _):
             yt = ye[t.ew]
+            np.copyto(ke[t.ew], xe[t.ew])
             if shift is None:
                 np.multiply(xe[t.ew], a_m[t.mp], out=yt)
             else:
@@ -872,7 +907,7 @@ class _NumpyKernels:
             np.add(yt, b_m[t.mp], out=yt)
 
         _run(plan, affine)
-        return y, inv_std
+        return y, inv_std, kept
 
     # -- backward -------------------------------------------------------------------
     @classmethod
@@ -903,10 +938,12 @@ class _NumpyKernels:
                     np.subtract(xe[t.ew], s_m[t.mp], out=dxe[t.ew])
                 _reduce(plan, t, dyt, xr[t.red] if s_m is None else dxr[t.red], p_dyd)
 
-            _run(plan, sums)
-            sum_dy = plan.fold(p_dy)
-            # sum(dy * x_hat) = inv_std * (sum(dy * d) - (mean - shift) * sum(dy))
-            sum_dy_xhat = cache.inv_std * (plan.fold(p_dyd) - delta * sum_dy)
+            with np.errstate(over="ignore", invalid="ignore"):     # checked below
+                _run(plan, sums)
+                sum_dy = plan.fold(p_dy)
+                # sum(dy * x_hat) = inv_std * (sum(dy * d) - (mean - shift) * sum(dy))
+                sum_dy_xhat = cache.inv_std * (plan.fold(p_dyd) - delta * sum_dy)
+            _check_sums((sum_dy, sum_dy_xhat), dy, x)     # float32 run sums overflowed
         k, c0, c3 = gradient_coefficients(np, cache, sum_dy, sum_dy_xhat, delta, reduce)
         if cache.frozen:
             (k_m,) = plan.maps(dy.dtype, k)
@@ -940,6 +977,12 @@ def _as_kernel_input(x):
     return x if x.flags.c_contiguous else np.ascontiguousarray(x)
 
 
+def _forward_with_given_stats(impl, x, count, mean, var, weight, bias, eps, frozen):
+    """``y`` and the cache for statistics computed elsewhere (SyncBN's, or running ones)."""
+    y, inv_std, kept = impl.normalize(x, mean, var, weight, bias, eps)
+    return y, KernelCache(kept, mean, var, inv_std, weight, eps, count, frozen=frozen)
+
+
 def _fast_ok(impl, x, *arrays):
     """The fast kernels take ``x`` (and ``arrays``): a known module, dtype and size."""
     if impl is None or not all(a is None or impl.handles(a) for a in (x,) + arrays):
@@ -950,12 +993,16 @@ def _fast_ok(impl, x, *arrays):
 def channel_moments(x):
     """``(count, mean, var)`` per channel (axis 1) in float64, like
     ``moments.channel_moments(x, reduce_axes(x.ndim))``."""
+    x = plain_array(x)
     impl = _implementation(x)
     if not _fast_ok(impl, x) or x.ndim < 2:
         return _reference_moments(x, reduce_axes(x.ndim))
     if isinstance(x, np.ndarray):
         x = _as_kernel_input(x)
-    count, mean, var, _ = impl.moments(x)
+    try:
+        count, mean, var, _ = impl.moments(x)
+    except _NeedsFloat64:
+        return _reference_moments(x, reduce_axes(x.ndim))
     return count, mean, var
 
 
@@ -973,8 +1020,10 @@ def batch_norm_forward(x, weight=None, bias=None, eps: float = 1e-5, stats=None)
     """Training-mode forward, like :func:`functional.batch_norm_forward`: ``(y, cache)``.
 
     ``stats=(count, mean, var)`` supplies the statistics (SyncBatchNorm's global
-    ones); otherwise they are this batch's.
+    ones); otherwise they are this batch's.  Inputs whose numbers leave the range
+    of their dtype go to the readable path (see ``_NeedsFloat64``).
     """
+    x = plain_array(x)
     impl = _implementation(x, weight, bias)
     if not _fast_ok(impl, x):
         return F.batch_norm_forward(x, weight, bias, eps, stats=stats)
@@ -986,7 +1035,10 @@ def batch_norm_forward(x, weight=None, bias=None, eps: float = 1e-5, stats=None)
         if count <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input of "
                              f"shape {tuple(x.shape)} ({count} value(s) per channel)")
-        return impl.forward_train(x, weight, bias, eps)
+        try:
+            return impl.forward_train(x, weight, bias, eps)
+        except _NeedsFloat64:
+            return F.batch_norm_forward(x, weight, bias, eps)
     count, mean, var = stats
     if count <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input of shape "
@@ -994,12 +1046,14 @@ def batch_norm_forward(x, weight=None, bias=None, eps: float = 1e-5, stats=None)
     xp = get_array_module(x)
     mean = xp.asarray(mean, dtype=np.float64)
     var = xp.asarray(var, dtype=np.float64)
-    y, inv_std = impl.normalize(x, mean, var, weight, bias, eps)
-    return y, KernelCache(x, mean, var, inv_std, weight, eps, int(count))
+    if F.elementwise_out_of_range(x.dtype, count, var, weight, eps):
+        return F.batch_norm_forward(x, weight, bias, eps, stats=(count, mean, var))
+    return _forward_with_given_stats(impl, x, int(count), mean, var, weight, bias, eps, False)
 
 
 def batch_norm_eval_forward(x, mean, var, weight=None, bias=None, eps: float = 1e-5):
     """Forward with fixed statistics, like :func:`functional.batch_norm_eval_forward`."""
+    x = plain_array(x)
     impl = _implementation(x, mean, var, weight, bias)
     if not _fast_ok(impl, x):
         return F.batch_norm_eval_forward(x, mean, var, weight, bias, eps)
@@ -1010,23 +1064,28 @@ def batch_norm_eval_forward(x, mean, var, weight=None, bias=None, eps: float = 1
     mean64 = xp.asarray(mean, dtype=np.float64)
     var64 = xp.asarray(var, dtype=np.float64)
     count = x.size // max(x.shape[1], 1)
-    y, inv_std = impl.normalize(x, mean64, var64, weight, bias, eps)
-    return y, KernelCache(x, mean64, var64, inv_std, weight, eps, count, frozen=True)
+    if F.elementwise_out_of_range(x.dtype, None, var64, weight, eps):   # not x's statistics
+        return F.batch_norm_eval_forward(x, mean, var, weight, bias, eps)
+    return _forward_with_given_stats(impl, x, count, mean64, var64, weight, bias, eps, True)
 
 
 def batch_norm_backward(dy, cache, reduce=None):
     """Backward, like :func:`functional.batch_norm_backward`: ``(dx, dweight, dbias)``.
 
     ``reduce`` maps the local per-channel ``(sum dy, sum dy * x_hat)`` to the
-    global ones (SyncBatchNorm); it is not called in eval mode.
+    global ones (SyncBatchNorm); it is not called in eval mode.  ``dy`` of
+    another float dtype than the forward's input is cast to the input's dtype
+    first (:func:`functional.gradient_in_input_dtype`, PyTorch's rule).
     """
-    impl = _implementation(dy, cache.x) if isinstance(cache, KernelCache) else None
-    if not _fast_ok(impl, dy) or dy.dtype != cache.x.dtype:
+    if not isinstance(cache, KernelCache):
         return F.batch_norm_backward(dy, cache, reduce=reduce)
-    F.check_floating(dy, "dy")
-    if tuple(dy.shape) != tuple(cache.x.shape):
-        raise ValueError(f"dy has shape {tuple(dy.shape)}, expected the forward output's shape "
-                         f"{tuple(cache.x.shape)}")
+    dy = F.gradient_in_input_dtype(dy, cache.x.shape, cache.x.dtype)
+    impl = _implementation(dy, cache.x)
+    if not _fast_ok(impl, dy):
+        return F.batch_norm_backward(dy, cache, reduce=reduce)
     if isinstance(dy, np.ndarray):
         dy = _as_kernel_input(dy)
-    return impl.backward(dy, cache, reduce)
+    try:
+        return impl.backward(dy, cache, reduce)
+    except _NeedsFloat64:          # raised before reduce is called: it is called once either way
+        return F.batch_norm_backward(dy, cache, reduce=reduce)

@@ -98,11 +98,11 @@ def _get(name):
             "minibn_grad_sums",
             reduce_type="minibn_pair",
             preamble=_PREAMBLE)
-        _kernels["affine"] = cupy.ElementwiseKernel(
+        _kernels["affine"] = cupy.ElementwiseKernel(      # also kept = x: the cache's own copy
             "T x, T shift, T a, T b",
-            "T y",
-            "y = (x - shift) * a + b",
-            "minibn_affine")
+            "T y, T kept",
+            "kept = x; y = (x - shift) * a + b",
+            "minibn_affine_kept")
         _kernels["grad"] = cupy.ElementwiseKernel(
             "T dy, T x, T mean, T k, T c0, T c3",
             "T dx",
@@ -152,30 +152,33 @@ def moments(x, out=None):
 
 def _affine(x, mean, a, b):
     """``y = (x - mean') * a + b`` with ``mean'`` the mean rounded to the dtype; ``b`` is
-    corrected for the rounding."""
+    corrected for the rounding.  Returns ``(y, kept)``, ``kept`` a copy of ``x`` written by
+    the same kernel (the cache's own copy)."""
     from .kernels import rounded_mean
     dt = x.dtype
     shift, delta = rounded_mean(mean, dt)
     b = b - delta * a
-    y = cupy.empty_like(x)
-    _get("affine")(_view(x), _column(shift, dt), _column(a, dt), _column(b, dt), _view(y))
-    return y
+    y, kept = cupy.empty_like(x), cupy.empty_like(x)
+    _get("affine")(_view(x), _column(shift, dt), _column(a, dt), _column(b, dt), _view(y), _view(kept))
+    return y, kept
 
 
 def forward_train(x, weight, bias, eps):
     """Training forward with this batch's statistics: ``(y, cache)``."""
-    from .kernels import KernelCache, forward_coefficients
+    from .kernels import KernelCache, _check_range, forward_coefficients
     count, mean, var, _ = moments(x)
+    _check_range(x, count, var, weight, eps)
     inv_std, a, b = forward_coefficients(cupy, mean, var, mean, weight, bias, eps)
-    y = _affine(x, mean, a, b)
-    return y, KernelCache(x, mean, var, inv_std, weight, eps, count)
+    y, kept = _affine(x, mean, a, b)
+    return y, KernelCache(kept, mean, var, inv_std, weight, eps, count)
 
 
 def normalize(x, mean, var, weight, bias, eps):
-    """``y`` with given statistics: ``(y, inv_std)``."""
+    """``y`` with given statistics: ``(y, inv_std, kept)``, ``kept`` a copy of ``x``."""
     from .kernels import forward_coefficients
     inv_std, a, b = forward_coefficients(cupy, mean, var, mean, weight, bias, eps)
-    return _affine(x, mean, a, b), inv_std
+    y, kept = _affine(x, mean, a, b)
+    return y, inv_std, kept
 
 
 def backward(dy, cache, reduce=None):

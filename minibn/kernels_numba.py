@@ -97,14 +97,16 @@ if numba is not None:
             out[n, c, 1] = s2
 
     @njit(**_FLAGS)
-    def _rows_affine(x, shift, a, b, y):
-        """y = (x - shift) * a + b, per channel (in the dtype of the constants)."""
+    def _rows_affine(x, shift, a, b, y, kept):
+        """y = (x - shift) * a + b, per channel (in the dtype of the constants); kept = x."""
         N, C, S = x.shape
         for i in prange(N * C):
             n, c = i // C, i % C
             s, ac, bc = shift[c], a[c], b[c]
             for k in range(S):
-                y[n, c, k] = (x[n, c, k] - s) * ac + bc
+                v = x[n, c, k]
+                kept[n, c, k] = v
+                y[n, c, k] = (v - s) * ac + bc
 
     @njit(**_FLAGS)
     def _rows_grad(dy, x, mean, k_, c0, c3, dx):
@@ -138,13 +140,15 @@ if numba is not None:
                         s2[w] += p * (np.float64(v[n, w]) - sv[w])
 
     @njit(**_FLAGS)
-    def _cols_affine(x, shift, a, b, y):
-        """y = (x - shift) * a + b, per column (in the dtype of the constants)."""
+    def _cols_affine(x, shift, a, b, y, kept):
+        """y = (x - shift) * a + b, per column (in the dtype of the constants); kept = x."""
         N, W = x.shape
         for blk in prange((N + ROWS - 1) // ROWS):
             for n in range(blk * ROWS, min(N, (blk + 1) * ROWS)):
                 for w in range(W):
-                    y[n, w] = (x[n, w] - shift[w]) * a[w] + b[w]
+                    v = x[n, w]
+                    kept[n, w] = v
+                    y[n, w] = (v - shift[w]) * a[w] + b[w]
 
     @njit(**_FLAGS)
     def _cols_grad(dy, x, mean, k_, c0, c3, dx):
@@ -240,32 +244,36 @@ def moments(x, out=None):
 
 def _affine(x, mean, a, b):
     """``y = (x - mean') * a + b`` in the dtype, with ``mean'`` the mean rounded to the dtype
-    (so that ``x - mean'`` is exact near the mean) and ``b`` corrected for the rounding."""
+    (so that ``x - mean'`` is exact near the mean) and ``b`` corrected for the rounding.
+    Returns ``(y, kept)``, ``kept`` a copy of ``x`` written in the same pass (for the cache)."""
     from .kernels import _new_output, rounded_mean
     lay = _Layout(x.shape)
     dt = x.dtype
     shift, delta = rounded_mean(mean, dt)
     b = b - delta * a
-    y = _new_output(x)
+    y, kept = _new_output(x), _new_output(x)
     if x.size:
         _call(_cols_affine if lay.cols else _rows_affine, lay.view(x), lay.vec(shift, dt),
-              lay.vec(a, dt), lay.vec(b, dt), lay.view(y))
-    return y
+              lay.vec(a, dt), lay.vec(b, dt), lay.view(y), lay.view(kept))
+    return y, kept
 
 
 def forward_train(x, weight, bias, eps):
     """Training forward with this batch's statistics: ``(y, cache)``."""
-    from .kernels import KernelCache, forward_coefficients
+    from .kernels import KernelCache, _check_range, forward_coefficients
     count, mean, var, _ = moments(x)
+    _check_range(x, count, var, weight, eps)
     inv_std, a, b = forward_coefficients(np, mean, var, mean, weight, bias, eps)
-    return _affine(x, mean, a, b), KernelCache(x, mean, var, inv_std, weight, eps, count)
+    y, kept = _affine(x, mean, a, b)
+    return y, KernelCache(kept, mean, var, inv_std, weight, eps, count)
 
 
 def normalize(x, mean, var, weight, bias, eps):
-    """``y`` with given statistics: ``(y, inv_std)``."""
+    """``y`` with given statistics: ``(y, inv_std, kept)``, ``kept`` a copy of ``x``."""
     from .kernels import forward_coefficients
     inv_std, a, b = forward_coefficients(np, mean, var, mean, weight, bias, eps)
-    return _affine(x, mean, a, b), inv_std
+    y, kept = _affine(x, mean, a, b)
+    return y, inv_std, kept
 
 
 def backward(dy, cache, reduce=None):

@@ -23,7 +23,37 @@ import numpy as np
 
 from .backend import get_array_module
 
-__all__ = ["reduce_axes", "channel_moments", "merge_moments", "unbiased"]
+__all__ = ["reduce_axes", "channel_moments", "merge_moments", "unbiased", "plain_array"]
+
+
+def plain_array(x, what: str = "input"):
+    """``x`` as a plain array, or ``TypeError`` for an array subclass whose meaning would be lost.
+
+    Batch statistics are plain sums over every value, so:
+
+    * ``np.ma.MaskedArray``: its mask cannot be honoured without ambiguity (which
+      values make up a channel's ``m``?), so it is refused; ``x.filled(value)`` or
+      ``x.compressed()`` says what is meant.
+    * ``np.matrix``: always 2-D, ``*`` is a matrix product; refused (``np.asarray(x)``).
+    * ``np.memmap``: plain values on disk; returned as an ``ndarray`` view.
+    * any other ``ndarray`` subclass (units, lazy or tracked arrays ...): refused, since
+      dropping what the subclass adds would be silent; ``np.asarray(x)`` passes the values.
+
+    Non-NumPy arrays (CuPy) and non-arrays are returned unchanged (other checks name them).
+    """
+    if not isinstance(x, np.ndarray) or type(x) is np.ndarray:
+        return x
+    if type(x) is np.memmap:
+        return np.asarray(x)
+    name = f"{type(x).__module__}.{type(x).__qualname__}"
+    if isinstance(x, np.ma.MaskedArray):
+        hint = ("batch statistics cannot honour a mask without ambiguity; pass x.filled(value) "
+                "to replace the masked values, or x.compressed() to drop them")
+    elif isinstance(x, np.matrix):
+        hint = "np.matrix changes what * and reductions mean; pass np.asarray(x)"
+    else:
+        hint = "pass np.asarray(x) to use its plain values"
+    raise TypeError(f"{what} must be a plain numpy.ndarray (or np.memmap), got {name}: {hint}")
 
 
 def reduce_axes(ndim: int, channel_axis: int = 1):
@@ -44,6 +74,21 @@ def channel_moments(x, axes, keepdims: bool = False):
     arrays of the array module of ``x``.  ``count`` may be 0, in which case
     mean and var are zeros (an empty part contributes nothing to a merge).
     """
+    x = plain_array(x)
+    count, mean, var = _moments_in(x, axes, keepdims, _work_dtype(x.dtype))
+    if count and _work_dtype(x.dtype) != np.float64 and not _all_finite(mean, var) and _all_finite(x):
+        # finite values whose squares overflow the work dtype (float32 beyond ~1e19):
+        # the statistics fit in float64, so the deviations are formed there
+        count, mean, var = _moments_in(x, axes, keepdims, np.dtype(np.float64))
+    return count, mean, var
+
+
+def _all_finite(*arrays):
+    return all(bool(get_array_module(a).isfinite(a).all()) for a in arrays)
+
+
+def _moments_in(x, axes, keepdims, work_dtype):
+    """:func:`channel_moments` with the deviations formed in ``work_dtype``."""
     xp = get_array_module(x)
     axes = tuple(sorted({int(a) % x.ndim for a in axes})) if x.ndim else ()
     count = 1
@@ -57,11 +102,12 @@ def channel_moments(x, axes, keepdims: bool = False):
         # pass 1: the mean, accumulated in float64
         mean = xp.mean(x, axis=axes, dtype=np.float64, keepdims=True)
         # pass 2: deviations from the shift = the mean rounded to the work dtype
-        shift = mean.astype(_work_dtype(x.dtype))
-        d = x.astype(shift.dtype, copy=False) - shift
-        d_mean = xp.mean(d, axis=axes, dtype=np.float64, keepdims=True)
-        d2_mean = xp.mean(xp.square(d), axis=axes, dtype=np.float64, keepdims=True)
-        var = xp.maximum(d2_mean - d_mean * d_mean, 0.0)
+        shift = mean.astype(work_dtype)
+        with np.errstate(over="ignore", invalid="ignore"):   # overflow: checked by the caller
+            d = x.astype(shift.dtype, copy=False) - shift
+            d_mean = xp.mean(d, axis=axes, dtype=np.float64, keepdims=True)
+            d2_mean = xp.mean(xp.square(d), axis=axes, dtype=np.float64, keepdims=True)
+            var = xp.maximum(d2_mean - d_mean * d_mean, 0.0)
         # mean(d) is measured from the *rounded* shift: shift + mean(d) is the mean again.
         # It refines the pass-1 mean only when d is as precise as float64 (float64 input,
         # where shift == mean); for float32 input d carries float32 roundings, while the

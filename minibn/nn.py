@@ -17,6 +17,7 @@ import numpy as np
 from . import functional as F
 from . import kernels as K     # fast forward/backward; K.reference_kernels() selects F
 from .backend import asnumpy, get_array_module, get_backend
+from .checks import check_eps, check_state_array, single_value_error
 from .moments import channel_moments, reduce_axes
 
 __all__ = [
@@ -78,12 +79,15 @@ class Module:
         if "_parameters" not in self.__dict__:
             raise RuntimeError(f"{type(self).__name__}: call Module.__init__() before assigning attributes")
         if isinstance(value, Parameter):
+            self._check_state_entry(name, value.data)
             self._modules.pop(name, None)
             self._parameters[name] = value
         elif isinstance(value, Module):
             self._parameters.pop(name, None)
             self._modules[name] = value
         elif name in self._buffers:
+            if value is not None:
+                self._check_state_entry(name, value)
             self._buffers[name] = value
         elif name in self._parameters:
             if value is not None:
@@ -109,8 +113,22 @@ class Module:
 
     def register_buffer(self, name: str, value):
         """Register a non-learned array (or ``None``) that belongs in the state dict."""
+        if value is not None:
+            self._check_state_entry(name, value)
         self.__dict__.pop(name, None)
         self._buffers[name] = value
+
+    def _state_shape(self, name: str):
+        """The shape parameter or buffer ``name`` must have, or ``None`` if the layer fixes none."""
+        return None
+
+    def _check_state_entry(self, name: str, array):
+        """Refuse, when it is assigned, a parameter or buffer of the wrong shape or kind: it
+        would otherwise fail later, or broadcast silently into a wrong result."""
+        shape = self._state_shape(name)
+        if shape is not None:
+            check_state_array(array, shape, f"{type(self).__name__}.{name}",
+                              floating=name != "num_batches_tracked")
 
     # -- traversal ---------------------------------------------------------
     def named_children(self):
@@ -206,9 +224,7 @@ class Module:
         for key, target in own.items():
             if key not in state_dict:
                 continue
-            value = state_dict[key]
-            if not isinstance(getattr(value, "dtype", None), np.dtype) or not hasattr(value, "shape"):
-                value = np.asarray(value)       # lists, scalars, CPU tensors of other libraries
+            value = _state_value_as_array(state_dict[key], key)
             if tuple(value.shape) != tuple(target.shape):
                 raise ValueError(f"load_state_dict: {key!r} has shape {tuple(value.shape)}, "
                                  f"expected {tuple(target.shape)}")
@@ -231,6 +247,19 @@ class Module:
         for name, child in self._modules.items():
             lines.append(f"  ({name}): " + repr(child).replace("\n", "\n  "))
         return lines[0] + (")" if len(lines) == 1 else "\n" + "\n".join(lines[1:]) + "\n)")
+
+
+def _state_value_as_array(value, key):
+    """A state-dict value as an array: NumPy and CuPy arrays as they are; anything
+    array-like (lists, scalars, CPU tensors of other libraries) through ``np.asarray``."""
+    if isinstance(getattr(value, "dtype", None), np.dtype) and hasattr(value, "shape"):
+        return value
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"load_state_dict: {key!r} is a {type(value).__name__} that does not convert "
+                        f"to an array ({err}); pass a NumPy array (a PyTorch tensor: "
+                        f"tensor.detach().cpu().numpy())") from None
 
 
 class Sequential(Module):
@@ -272,12 +301,47 @@ def _check_dtype_arg(dtype):
     return dtype
 
 
+class _Validated:
+    """A layer attribute checked on every assignment, the constructor's included.
+
+    ``eps = _Validated(check_eps)`` in a class body makes ``layer.eps = 0`` raise
+    the same error as ``Layer(..., eps=0)``; the value is stored as ``check`` returns it.
+    """
+
+    def __init__(self, check):
+        self.check = check
+
+    def __set_name__(self, owner, name):
+        self.name, self.slot = name, "_" + name
+
+    def __get__(self, layer, owner=None):
+        if layer is None:
+            return self
+        try:
+            return layer.__dict__[self.slot]
+        except KeyError:
+            raise AttributeError(f"{type(layer).__name__} has no attribute {self.name!r} yet") from None
+
+    def __set__(self, layer, value):
+        layer.__dict__[self.slot] = self.check(value)
+
+
 class _RunningStats:
     """The running-statistics buffers that BatchNorm and InstanceNorm share (PyTorch's names).
 
     ``running_mean`` starts at 0, ``running_var`` at 1, ``num_batches_tracked``
-    at 0; without ``track_running_stats`` all three are ``None``.
+    at 0; without ``track_running_stats`` all three are ``None``.  Parameters and
+    buffers are per channel: assigning one of another shape raises at once.
     """
+
+    eps = _Validated(check_eps)
+
+    def _state_shape(self, name):
+        if name == "num_batches_tracked":
+            return ()
+        if name in ("weight", "bias", "running_mean", "running_var"):
+            return (self.num_features,)
+        return None
 
     def _init_running_stats(self, dtype):
         xp, C = get_backend(), self.num_features
@@ -297,7 +361,8 @@ class _RunningStats:
 
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+                f"affine={self.affine}, bias={self._parameters.get('bias') is not None}, "
+                f"track_running_stats={self.track_running_stats}")
 
 
 class _BatchNorm(_RunningStats, Module):
@@ -321,21 +386,25 @@ class _BatchNorm(_RunningStats, Module):
     empty batch carries no statistics, so counting it would only shift the
     weights of a ``momentum=None`` cumulative average.  Its backward gives an
     empty ``dx`` and zero parameter gradients.
+
+    ``bias=False`` (keyword only, as in PyTorch) keeps the scale ``weight`` of an
+    affine layer but drops the shift: ``bias`` is ``None`` and is not in the
+    state dict.  ``eps`` must be a finite number > 0, in the constructor and in
+    any later ``layer.eps = ...``.
     """
 
     _ranks: Optional[Tuple[int, ...]] = ()     # accepted input ranks; None: any rank >= 2
     _rank_words = ""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, dtype=None):
+                 affine: bool = True, track_running_stats: bool = True, dtype=None, *,
+                 bias: bool = True):
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
                 or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
-        if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
-            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
         self.num_features = int(num_features)
-        self.eps = float(eps)
+        self.eps = eps                    # validated by _RunningStats.eps
         self.momentum = momentum          # validated by the property below
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
@@ -343,7 +412,10 @@ class _BatchNorm(_RunningStats, Module):
         C = self.num_features
         if self.affine:
             self.weight = Parameter(xp.ones(C, dtype=dtype))
-            self.bias = Parameter(xp.zeros(C, dtype=dtype))
+            if bias:
+                self.bias = Parameter(xp.zeros(C, dtype=dtype))
+            else:
+                self._parameters["bias"] = None
         else:
             self._parameters["weight"] = None
             self._parameters["bias"] = None
@@ -391,14 +463,15 @@ class _BatchNorm(_RunningStats, Module):
 
     # -- forward / backward ---------------------------------------------------
     def _params(self):
+        """``(weight, bias)`` arrays; ``bias`` is ``None`` for a layer without shift."""
         if not self.affine:
             return None, None
         w, b = self._parameters.get("weight"), self._parameters.get("bias")
-        if w is None or b is None:
+        if w is None:
             raise ValueError(f"{type(self).__name__} was built with affine=True but its "
-                             f"{'weight' if w is None else 'bias'} is None; build it with "
-                             "affine=False for a layer without scale and shift")
-        return w.data, b.data
+                             "weight is None; build it with affine=False for a layer without "
+                             "scale and shift (bias=False for one without shift)")
+        return w.data, (None if b is None else b.data)
 
     def forward(self, x):
         self._check_input(x)
@@ -410,40 +483,47 @@ class _BatchNorm(_RunningStats, Module):
             object.__setattr__(self, "_cache", cache)
             return y
         count, mean, var = self._batch_statistics(x)
+        if count == 1:
+            raise single_value_error(x.shape, detail="1 value(s) per channel")
         if count == 0:               # an empty batch carries no statistics: nothing to update
             object.__setattr__(self, "_cache", None)
             object.__setattr__(self, "_empty_shape", tuple(x.shape))
             return x.copy()
         y, cache = K.batch_norm_forward(x, w, b, self.eps, stats=(count, mean, var))
         if self.training and self.track_running_stats:
-            self.num_batches_tracked += 1
-            factor = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
+            # counted after the update, which raises before writing anything when a value overflows
+            factor = (1.0 / float(self.num_batches_tracked + 1)) if self.momentum is None else self.momentum
             F.update_running_stats(self.running_mean, self.running_var, mean, var, count, factor)
+            self.num_batches_tracked += 1
         object.__setattr__(self, "_cache", cache)
         return y
 
+    def _check_dy(self, dy, expected_shape):
+        """The same rules for ``dy`` after any forward, an empty batch's included."""
+        F.check_floating(dy, "dy")
+        if tuple(dy.shape) != tuple(expected_shape):
+            raise ValueError(f"{type(self).__name__}.backward: dy has shape {tuple(dy.shape)}, "
+                             f"expected the forward's output shape {tuple(expected_shape)}")
+
     def backward(self, dy):
+        """``dx``; accumulates the parameters' gradients.  ``dy`` of another float dtype than
+        the forward's input is cast to the input's dtype first, as PyTorch's autograd does."""
         cache = self._cache
         if cache is None:
             empty_shape = self.__dict__.get("_empty_shape")
             if empty_shape is None:
                 raise RuntimeError(f"{type(self).__name__}.backward called before forward")
-            if tuple(getattr(dy, "shape", ())) != empty_shape:
-                raise ValueError(f"{type(self).__name__}.backward: dy has shape "
-                                 f"{tuple(getattr(dy, 'shape', ()))}, expected the forward's "
-                                 f"output shape {empty_shape}")
+            self._check_dy(dy, empty_shape)
             for p in (self.weight, self.bias) if self.affine else ():
                 if p is not None:             # an empty batch contributes a zero gradient
                     p.accumulate(get_array_module(p.data).zeros_like(p.data))
             return dy.copy()
-        if tuple(dy.shape) != tuple(cache.x.shape):
-            raise ValueError(f"{type(self).__name__}.backward: dy has shape {tuple(dy.shape)}, "
-                             f"expected the forward's output shape {tuple(cache.x.shape)}")
-        F.check_floating(dy, "dy")
+        self._check_dy(dy, cache.x.shape)
         dx, dw, db = K.batch_norm_backward(dy, cache, reduce=self._reduce_gradient_sums)
         if self.affine:
             self.weight.accumulate(dw)
-            self.bias.accumulate(db)
+            if self.bias is not None:
+                self.bias.accumulate(db)
         return dx
 
 
@@ -500,7 +580,7 @@ class Linear(Module):
         F.check_floating(x, "Linear input")
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"Linear: expected input of shape (N, {self.in_features}), got {tuple(x.shape)}")
-        object.__setattr__(self, "_x", x)
+        object.__setattr__(self, "_x", x.copy())    # own copy: later edits of x must not change dW
         y = x @ self.weight.data.T.astype(x.dtype, copy=False)
         if self.bias is not None:
             y = y + self.bias.data.astype(x.dtype, copy=False)
@@ -559,7 +639,7 @@ class CrossEntropyLoss(Module):
         n = logits.shape[0]
         picked = log_p[xp.arange(n), targets]
         total = -float(picked.sum())
-        object.__setattr__(self, "_saved", (log_p, targets))
+        object.__setattr__(self, "_saved", (log_p, targets.copy()))
         return total / n if self.reduction == "mean" and n else total
 
     def backward(self, dy=1.0):
@@ -607,12 +687,6 @@ class SGD:
 # no synchronization across processes.  The math is in ``functional.py``; these
 # classes hold parameters (and InstanceNorm's optional running statistics).
 
-def _check_eps(eps):
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (eps >= 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    return float(eps)
-
-
 def _check_positive_int(v, what):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
         raise ValueError(f"{what} must be a positive integer, got {v!r}")
@@ -620,7 +694,21 @@ def _check_positive_int(v, what):
 
 
 class _SampleNorm(Module):
-    """Shared by LayerNorm, GroupNorm and InstanceNorm*: affine parameters and backward."""
+    """Shared by LayerNorm, GroupNorm and InstanceNorm*: affine parameters and backward.
+
+    ``eps`` must be a finite number > 0, in the constructor and in any later
+    ``layer.eps = ...``; a parameter assigned later must have the shape of the one
+    it replaces.
+    """
+
+    eps = _Validated(check_eps)
+
+    def _param_shape(self):
+        """The shape of ``weight`` and ``bias``."""
+        raise NotImplementedError
+
+    def _state_shape(self, name):
+        return self._param_shape() if name in ("weight", "bias") else None
 
     def _init_affine(self, shape, affine: bool, bias: bool, dtype):
         xp, dtype = get_backend(), _check_dtype_arg(dtype)
@@ -660,15 +748,22 @@ class LayerNorm(_SampleNorm):
     ``LayerNorm((C, H, W))`` on ``(N, C, H, W)`` input takes one mean and one
     variance per sample; ``weight``/``bias`` have shape ``normalized_shape``
     (an element-wise gamma and beta), as in PyTorch.  Input: ``(*, *normalized_shape)``.
+
+    Deliberate difference from PyTorch: a ``normalized_shape`` of one element is
+    a ``ValueError`` (each row would be its own mean, and the output the bias
+    whatever the input); PyTorch returns that output.
     """
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, dtype=None):
         super().__init__()
         self.normalized_shape = F._normalized_shape(normalized_shape)
-        self.eps = _check_eps(eps)
+        self.eps = eps
         self.elementwise_affine = bool(elementwise_affine)
         self._init_affine(self.normalized_shape, self.elementwise_affine, bias, dtype)
+
+    def _param_shape(self):
+        return self.normalized_shape
 
     def extra_repr(self):
         return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
@@ -688,6 +783,11 @@ class GroupNorm(_SampleNorm):
     ``weight``/``bias`` have shape ``(num_channels,)``.  ``num_groups=1`` is a
     layer norm over ``(C, *)`` with per-channel gamma; ``num_groups=C`` is an
     instance norm.  Input: ``(N, C, *)``.
+
+    One value per group (``num_groups == num_channels`` without spatial axes, or
+    with one spatial element) is a ``ValueError``, as batch norm's one value per
+    channel is: the output would be the bias whatever the input.  Deliberate
+    difference from PyTorch, which raises only for a batch of one sample.
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
@@ -697,12 +797,16 @@ class GroupNorm(_SampleNorm):
         self.num_channels = _check_positive_int(num_channels, "num_channels")
         if self.num_channels % self.num_groups:
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
-        self.eps = _check_eps(eps)
+        self.eps = eps
         self.affine = bool(affine)
         self._init_affine((self.num_channels,), self.affine, bias, dtype)
 
+    def _param_shape(self):
+        return (self.num_channels,)
+
     def extra_repr(self):
-        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+                f"bias={self.bias is not None}")
 
     def forward(self, x):
         F.check_floating(x, "GroupNorm input")
@@ -748,12 +852,15 @@ class _InstanceNorm(_RunningStats, _SampleNorm):
                  dtype=None):
         super().__init__()
         self.num_features = _check_positive_int(num_features, "num_features")
-        self.eps = _check_eps(eps)
+        self.eps = eps
         self.momentum = _check_instance_momentum(momentum)
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self._init_affine((self.num_features,), self.affine, bias, dtype)
         self._init_running_stats(_check_dtype_arg(dtype))
+
+    def _param_shape(self):
+        return (self.num_features,)
 
     def forward(self, x):
         F.check_floating(x, f"{type(self).__name__} input")

@@ -1,4 +1,6 @@
 """minibn against torch.nn.BatchNorm1d/2d/3d, step by step (skipped without PyTorch)."""
+import inspect
+
 import numpy as np
 import pytest
 
@@ -23,20 +25,24 @@ def rel(a, b):
     return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
 
 
-def make_pair(name, dtype, momentum=0.1, affine=True, track=True, seed=0):
+def make_pair(name, dtype, momentum=0.1, affine=True, track=True, seed=0, bias=True):
     ours_cls, theirs_cls, shape = PAIRS[name]
     C = shape[1]
-    ours = ours_cls(C, momentum=momentum, affine=affine, track_running_stats=track, dtype=dtype)
+    no_bias = {} if bias else {"bias": False}
+    ours = ours_cls(C, momentum=momentum, affine=affine, track_running_stats=track, dtype=dtype,
+                    **no_bias)
     theirs = theirs_cls(C, momentum=momentum, affine=affine, track_running_stats=track,
-                        dtype=TORCH_DTYPE[dtype])
+                        dtype=TORCH_DTYPE[dtype], **no_bias)
     if affine:
         rng = np.random.default_rng(seed)
         w, b = rng.normal(1.0, 0.5, C).astype(dtype), rng.normal(size=C).astype(dtype)
         ours.weight.data[...] = w
-        ours.bias.data[...] = b
         with torch.no_grad():
             theirs.weight.copy_(torch.from_numpy(w))
-            theirs.bias.copy_(torch.from_numpy(b))
+        if bias:
+            ours.bias.data[...] = b
+            with torch.no_grad():
+                theirs.bias.copy_(torch.from_numpy(b))
     return ours, theirs, shape
 
 
@@ -52,6 +58,7 @@ def step(ours, theirs, x, dy):
     out = {"y": (y, yt), "dx": (dx, xt.grad)}
     if ours.affine:
         out["dweight"] = (ours.weight.grad, theirs.weight.grad)
+    if ours.affine and ours.bias is not None:
         out["dbias"] = (ours.bias.grad, theirs.bias.grad)
     assert y.dtype == x.dtype and dx.dtype == x.dtype
     return out
@@ -66,8 +73,8 @@ def compare_buffers(ours, theirs, tol):
     assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked)
 
 
-def run_steps(name, dtype, momentum, affine=True, track=True, steps=4, seed=0):
-    ours, theirs, shape = make_pair(name, dtype, momentum, affine, track, seed)
+def run_steps(name, dtype, momentum, affine=True, track=True, steps=4, seed=0, bias=True):
+    ours, theirs, shape = make_pair(name, dtype, momentum, affine, track, seed, bias)
     rng = np.random.default_rng(seed + 1)
     tol = TOL[dtype]
     for loc, scale in [(1.0, 1.0), (5.0, 2.0), (-2.0, 0.5), (0.0, 3.0)][:steps]:
@@ -158,3 +165,66 @@ def test_empty_batch_documented_difference():
     assert int(theirs.num_batches_tracked) == 1         # ... PyTorch counts the empty batch,
     assert int(ours.num_batches_tracked) == 0           # minibn does not (see _BatchNorm's docstring)
     assert "num_batches_tracked" in type(ours).__mro__[1].__doc__
+
+
+# --------------------------------------------------------------------------- bias=False (keyword only)
+
+@pytest.mark.parametrize("ours_cls,theirs_cls", [
+    (mb.BatchNorm1d, torch.nn.BatchNorm1d), (mb.BatchNorm2d, torch.nn.BatchNorm2d),
+    (mb.BatchNorm3d, torch.nn.BatchNorm3d), (mb.SyncBatchNorm, torch.nn.SyncBatchNorm)])
+def test_bias_is_keyword_only_like_torch(ours_cls, theirs_cls):
+    ours = inspect.signature(ours_cls).parameters["bias"]
+    theirs = inspect.signature(theirs_cls).parameters["bias"]
+    assert (ours.kind, ours.default) == (theirs.kind, theirs.default) == (inspect.Parameter.KEYWORD_ONLY, True)
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_bias_false_matches_torch(name, dtype, affine):
+    """bias=False: weight stays a parameter (with affine=True), bias is None and not in the state
+    dict; outputs, dx, dweight and running statistics equal PyTorch's, in training and eval."""
+    ours, theirs = run_steps(name, dtype, 0.1, affine=affine, bias=False)
+    assert ours.bias is None and theirs.bias is None
+    assert (ours.weight is None) == (theirs.weight is None) == (not affine)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert repr(ours) == repr(theirs)
+
+
+def test_sync_batchnorm_bias_false_and_conversion_keep_it():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(6, 3, 4)).astype(np.float32)
+    theirs = torch.nn.BatchNorm1d(3, bias=False)
+    sync = mb.SyncBatchNorm(3, bias=False)
+    assert sync.bias is None and list(sync.state_dict()) == list(theirs.state_dict())
+    assert rel(sync(x), theirs(torch.from_numpy(x))) < 1e-5
+    model = mb.Sequential(mb.BatchNorm1d(3, bias=False), mb.BatchNorm1d(3), mb.BatchNorm1d(3, affine=False))
+    weight = model[0].weight
+    converted = mb.convert_sync_batchnorm(model)
+    assert isinstance(converted[0], mb.SyncBatchNorm) and converted[0].bias is None
+    assert converted[0].weight is weight                     # the same Parameter, shared
+    assert converted[1].bias is not None and converted[2].weight is None
+    assert [list(m.state_dict()) for m in converted] == [
+        list(m.state_dict()) for m in (theirs, torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3, affine=False))]
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    theirs.zero_grad()
+    theirs(xt).backward(torch.from_numpy(dy))
+    converted[0](x)
+    dx = converted[0].backward(dy)
+    assert rel(dx, xt.grad) < 1e-4 and rel(converted[0].weight.grad, theirs.weight.grad) < 1e-5
+
+
+# --------------------------------------------------------------------------- eps
+
+def test_eps_zero_is_an_error_in_both():
+    x = np.ones((4, 3), dtype=np.float32)               # a constant channel
+    with pytest.raises(ValueError, match="eps must be positive"):
+        torch.nn.BatchNorm1d(3, eps=0)(torch.from_numpy(x))
+    with pytest.raises(ValueError, match="eps must be a finite number > 0, got 0"):
+        mb.BatchNorm1d(3, eps=0)(x)
+    # a NumPy float32 eps is accepted by both, with the same result
+    x = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+    eps = np.float32(0.5)
+    assert rel(mb.BatchNorm1d(3, eps=eps)(x), torch.nn.BatchNorm1d(3, eps=eps)(torch.from_numpy(x))) < 1e-6

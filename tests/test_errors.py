@@ -1,4 +1,6 @@
 """Bad input gets a clear error that says what was expected and what was given."""
+import re
+
 import numpy as np
 import pytest
 
@@ -98,7 +100,7 @@ def test_momentum_accepted(ok):
     ({"num_features": 0}, "num_features must be a positive integer, got 0"),
     ({"num_features": 2.5}, "num_features must be a positive integer, got 2.5"),
     ({"num_features": True}, "num_features must be a positive integer, got True"),
-    ({"num_features": 3, "eps": -1e-5}, "eps must be a finite number >= 0, got -1e-05"),
+    ({"num_features": 3, "eps": -1e-5}, "eps must be a finite number > 0, got -1e-05"),
     ({"num_features": 3, "eps": float("nan")}, "eps must be a finite number"),
 ])
 def test_bad_constructor_arguments(kwargs, words):
@@ -134,10 +136,13 @@ def test_parameter_data_of_wrong_length_is_caught_at_forward():
     bn.bias.data = np.zeros((3, 1), np.float32)
     with pytest.raises(ValueError, match=r"bias must have shape \(3,\).*got shape \(3, 1\)"):
         bn(f32(4, 3))
+
+
+def test_buffer_of_wrong_length_is_caught_when_assigned():
     bn = mb.BatchNorm1d(3).eval()
-    bn.running_var = np.ones(2, np.float32)
-    with pytest.raises(ValueError, match=r"var must have shape \(3,\).*got shape \(2,\)"):
-        bn(f32(4, 3))
+    with pytest.raises(ValueError, match=r"BatchNorm1d.running_var must have shape \(3,\), got shape \(2,\)"):
+        bn.running_var = np.ones(2, np.float32)
+    np.testing.assert_array_equal(bn.running_var, np.ones(3))      # unchanged
 
 
 def test_parameter_set_to_none_on_an_affine_layer():
@@ -213,3 +218,225 @@ def test_mixing_array_modules_is_refused():
 def test_unknown_backend_name():
     with pytest.raises(ValueError, match=r"backend must be one of \('numpy', 'cupy'\), got 'torch'"):
         mb.set_backend("torch")
+
+
+# --------------------------------------------------------------------------- eps: one rule everywhere
+
+def _eps_layers():
+    """Every layer with an eps, built with a given eps (name, factory, a training input)."""
+    rng = np.random.default_rng(1)
+    x2, x3, x4, x5 = (rng.normal(size=s).astype(np.float32)
+                      for s in ((4, 3), (4, 3, 5), (2, 3, 4, 4), (2, 3, 2, 3, 2)))
+    return [
+        ("BatchNorm1d", lambda eps: mb.BatchNorm1d(3, eps=eps), x2),
+        ("BatchNorm2d", lambda eps: mb.BatchNorm2d(3, eps=eps), x4),
+        ("BatchNorm3d", lambda eps: mb.BatchNorm3d(3, eps=eps), x5),
+        ("SyncBatchNorm", lambda eps: mb.SyncBatchNorm(3, eps=eps), x3),
+        ("LayerNorm", lambda eps: mb.LayerNorm(3, eps=eps), x2),
+        ("GroupNorm", lambda eps: mb.GroupNorm(1, 3, eps=eps), x3),
+        ("InstanceNorm1d", lambda eps: mb.InstanceNorm1d(3, eps=eps), x3),
+        ("InstanceNorm2d", lambda eps: mb.InstanceNorm2d(3, eps=eps), x4),
+        ("InstanceNorm3d", lambda eps: mb.InstanceNorm3d(3, eps=eps), x5),
+    ]
+
+
+EPS_LAYERS = _eps_layers()
+BAD_EPS_VALUES = [0, 0.0, -0.0, -1e-5, -1, np.float32(0), float("nan"), float("inf"), -float("inf")]
+BAD_EPS_TYPES = [True, np.bool_(True), "1e-5", None, [1e-5], 1e-5j]
+GOOD_EPS = [1e-5, 1, 3.0, np.float32(1e-5), np.float64(1e-3), np.float16(0.01), np.int64(2)]
+
+
+@pytest.mark.parametrize("name,make,x", EPS_LAYERS, ids=[n for n, _, _ in EPS_LAYERS])
+def test_eps_rule_at_construction_and_assignment(name, make, x):
+    for bad in BAD_EPS_VALUES:
+        with pytest.raises(ValueError, match=r"eps must be a finite number > 0, got "):
+            make(bad)
+    for bad in BAD_EPS_TYPES:
+        with pytest.raises(TypeError, match=r"eps must be a real number"):
+            make(bad)
+    layer = make(1e-5)
+    for bad in BAD_EPS_VALUES:
+        with pytest.raises(ValueError, match=r"eps must be a finite number > 0, got "):
+            layer.eps = bad
+    for bad in BAD_EPS_TYPES:
+        with pytest.raises(TypeError, match=r"eps must be a real number"):
+            layer.eps = bad
+    assert layer.eps == 1e-5                         # a refused assignment changes nothing
+    for good in GOOD_EPS:
+        layer = make(good)
+        assert type(layer.eps) is float and layer.eps == float(good)
+        layer.eps = good
+        assert type(layer.eps) is float and layer.eps == float(good)
+    assert np.all(np.isfinite(layer(x)))
+
+
+def test_eps_zero_no_longer_turns_a_constant_channel_into_nan():
+    x = np.ones((4, 3), np.float32)                  # a constant channel: variance 0
+    with pytest.raises(ValueError, match="eps must be a finite number > 0, got 0"):
+        mb.BatchNorm1d(3, eps=0)(x)
+    bn = mb.BatchNorm1d(3)
+    with pytest.raises(ValueError, match="eps must be a finite number > 0, got -1"):
+        bn.eps = -1
+    np.testing.assert_array_equal(bn(x), np.zeros((4, 3)))   # 0 / sqrt(0 + 1e-5): finite
+
+
+def _functional_calls(eps):
+    from minibn import functional as F
+    rng = np.random.default_rng(2)
+    x2, x3 = rng.normal(size=(4, 3)), rng.normal(size=(4, 3, 5))
+    mean, var = np.zeros(3), np.ones(3)
+    return {
+        "batch_norm": lambda: F.batch_norm(x2, mean.copy(), var.copy(), training=True, eps=eps),
+        "batch_norm eval": lambda: F.batch_norm(x2, mean, var, training=False, eps=eps),
+        "batch_norm_with_cache": lambda: F.batch_norm_with_cache(x2, None, None, training=True, eps=eps),
+        "batch_norm_forward": lambda: F.batch_norm_forward(x2, eps=eps),
+        "batch_norm_eval_forward": lambda: F.batch_norm_eval_forward(x2, mean, var, eps=eps),
+        "layer_norm": lambda: F.layer_norm(x2, 3, eps=eps),
+        "layer_norm_forward": lambda: F.layer_norm_forward(x2, 3, eps=eps),
+        "group_norm": lambda: F.group_norm(x3, 1, eps=eps),
+        "group_norm_forward": lambda: F.group_norm_forward(x3, 3, eps=eps),
+        "instance_norm": lambda: F.instance_norm(x3, eps=eps),
+        "instance_norm eval": lambda: F.instance_norm(x3, mean, var, use_input_stats=False, eps=eps),
+        "instance_norm_forward": lambda: F.instance_norm_forward(x3, eps=eps),
+        "instance_norm_with_cache": lambda: F.instance_norm_with_cache(x3, eps=eps),
+    }
+
+
+@pytest.mark.parametrize("call", list(_functional_calls(1e-5)))
+def test_eps_rule_in_the_functional_api(call):
+    for bad in BAD_EPS_VALUES:
+        with pytest.raises(ValueError, match=r"eps must be a finite number > 0, got "):
+            _functional_calls(bad)[call]()
+    with pytest.raises(TypeError, match=r"eps must be a real number"):
+        _functional_calls(True)[call]()
+    out = _functional_calls(np.float32(1e-5))[call]()
+    y = out[0] if isinstance(out, tuple) else out
+    assert np.all(np.isfinite(y))
+
+
+# --------------------------------------------------------------------------- one value per statistic
+
+def test_one_value_per_group_or_row_is_refused_like_one_value_per_channel():
+    from minibn import functional as F
+    rng = np.random.default_rng(3)
+    one_per_group = r"Expected more than 1 value per group, got input of shape \(4, 3\) \(num_groups=3"
+    for layer in (mb.GroupNorm(3, 3), mb.GroupNorm(3, 3, affine=False)):
+        for training in (True, False):                # GroupNorm has no running statistics
+            with pytest.raises(ValueError, match=one_per_group):
+                layer.train(training)(rng.normal(size=(4, 3)))
+    with pytest.raises(ValueError, match=one_per_group):
+        F.group_norm(rng.normal(size=(4, 3)), 3)
+    with pytest.raises(ValueError, match=r"more than 1 value per group, got input of shape \(2, 6, 1\)"):
+        mb.GroupNorm(6, 6)(rng.normal(size=(2, 6, 1)))
+    one_per_row = r"Expected more than 1 value in normalized_shape, got input of shape \(4, 1\)"
+    with pytest.raises(ValueError, match=one_per_row):
+        mb.LayerNorm(1)(rng.normal(size=(4, 1)))
+    with pytest.raises(ValueError, match=r"more than 1 value in normalized_shape.*\(1, 1\)"):
+        F.layer_norm(rng.normal(size=(4, 1, 1)), (1, 1))
+    # two values per group or row are fine
+    assert mb.GroupNorm(3, 6)(rng.normal(size=(4, 6))).shape == (4, 6)
+    assert mb.LayerNorm(2)(rng.normal(size=(4, 2))).shape == (4, 2)
+    # every normalization words it the same way
+    cases = [lambda: mb.BatchNorm1d(3)(f32(1, 3)), lambda: mb.SyncBatchNorm(3)(f32(1, 3)),
+             lambda: mb.InstanceNorm1d(3)(f32(2, 3, 1)), lambda: mb.GroupNorm(3, 3)(f32(2, 3)),
+             lambda: mb.LayerNorm(1)(f32(2, 1))]
+    for case in cases:
+        with pytest.raises(ValueError, match=r"^Expected more than 1 [a-z _]+, got input of shape \("):
+            case()
+
+
+# --------------------------------------------------------------------------- backward after an empty batch
+
+@pytest.mark.parametrize("make", [lambda: mb.BatchNorm1d(3), lambda: mb.BatchNorm1d(3, affine=False),
+                                  lambda: mb.SyncBatchNorm(3)])
+def test_backward_after_an_empty_batch_checks_dy_like_any_backward(make):
+    for n in (0, 4):                                   # the empty path and the usual one
+        bn = make()
+        bn(np.zeros((n, 3), np.float32) if n == 0 else f32(n, 3))
+        with pytest.raises(TypeError, match=r"dy must be a real floating-point array.*int64"):
+            bn.backward(np.zeros((n, 3), np.int64))
+        with pytest.raises(TypeError, match=r"dy must be a real floating-point array.*list"):
+            bn.backward([[0.0, 0.0, 0.0]] * n)
+        with pytest.raises(ValueError, match=rf"dy has shape \({n}, 4\), expected .*\({n}, 3\)"):
+            bn.backward(np.zeros((n, 4), np.float32))
+        dx = bn.backward(np.zeros((n, 3), np.float32))
+        assert dx.shape == (n, 3) and dx.dtype == np.float32
+
+
+# --------------------------------------------------------------------------- wrong-size vectors
+
+def test_functional_wrong_size_vectors_name_the_argument_and_both_shapes():
+    from minibn import functional as F
+    rng = np.random.default_rng(4)
+    x, x3 = rng.normal(size=(4, 3)), rng.normal(size=(4, 3, 2))
+    mean, var = np.zeros(3), np.ones(3)
+    for training in (True, False):
+        with pytest.raises(ValueError, match=r"running_mean must have shape \(3,\).*got shape \(2,\)"):
+            F.batch_norm(x, np.zeros(2), var, training=training)
+        with pytest.raises(ValueError, match=r"running_var must have shape \(3,\).*got shape \(2,\)"):
+            F.batch_norm(x, mean, np.ones(2), training=training)
+        with pytest.raises(ValueError, match=r"running_mean must have shape \(3,\).*got shape \(3, 1\)"):
+            F.batch_norm(x, np.zeros((3, 1)), var, training=training)
+        with pytest.raises(ValueError, match=r"weight must have shape \(3,\).*got shape \(2,\)"):
+            F.batch_norm(x, mean, var, np.ones(2), training=training)
+        with pytest.raises(ValueError, match=r"bias must have shape \(3,\).*got shape \(4,\)"):
+            F.batch_norm(x, mean, var, None, np.ones(4), training=training)
+    for use_input_stats in (True, False):
+        with pytest.raises(ValueError, match=r"running_mean must have shape \(3,\).*got shape \(2,\)"):
+            F.instance_norm(x3, np.zeros(2), var, use_input_stats=use_input_stats)
+        with pytest.raises(ValueError, match=r"running_var must have shape \(3,\).*got shape \(2,\)"):
+            F.instance_norm(x3, mean, np.ones(2), use_input_stats=use_input_stats)
+    with pytest.raises(ValueError, match=r"InstanceNorm: weight must have shape \(3,\), got \(2,\)"):
+        F.instance_norm(x3, weight=np.ones(2))
+    with pytest.raises(ValueError, match=r"LayerNorm: bias must have shape \(3,\), got \(2,\)"):
+        F.layer_norm(x, 3, None, np.ones(2))
+    with pytest.raises(ValueError, match=r"GroupNorm: weight must have shape \(3,\), got \(2,\)"):
+        F.group_norm(x3, 1, np.ones(2))
+    with pytest.raises(ValueError, match=r"running_mean must have shape \(3,\).*got shape \(2,\)"):
+        F.update_running_stats(np.zeros(2), np.ones(3), mean, var, 4, 0.1)
+
+
+LAYERS_WITH_STATE = [
+    ("BatchNorm1d", lambda: mb.BatchNorm1d(3), (3,)),
+    ("SyncBatchNorm", lambda: mb.SyncBatchNorm(3), (3,)),
+    ("InstanceNorm1d", lambda: mb.InstanceNorm1d(3, affine=True, track_running_stats=True), (3,)),
+    ("LayerNorm", lambda: mb.LayerNorm((3, 2)), (3, 2)),
+    ("GroupNorm", lambda: mb.GroupNorm(1, 3), (3,)),
+]
+
+
+@pytest.mark.parametrize("name,make,shape", LAYERS_WITH_STATE, ids=[n for n, _, _ in LAYERS_WITH_STATE])
+def test_wrong_size_parameter_or_buffer_is_refused_when_assigned(name, make, shape):
+    layer = make()
+    wrong = (shape[0] + 1,) + shape[1:]
+    names = ["weight", "bias"] + (["running_mean", "running_var"] if "running_mean" in layer._buffers else [])
+    for key in names:
+        before = getattr(layer, key)
+        value = mb.Parameter(np.ones(wrong, np.float32)) if key in ("weight", "bias") \
+            else np.ones(wrong, np.float32)
+        with pytest.raises(ValueError, match=rf"{name}.{key} must have shape {re.escape(str(shape))}, "
+                                             rf"got shape {re.escape(str(wrong))}"):
+            setattr(layer, key, value)
+        assert getattr(layer, key) is before             # unchanged
+    if "running_mean" in layer._buffers:
+        with pytest.raises(TypeError, match=rf"{name}.running_mean must be an array of shape \(3,\), got list"):
+            layer.running_mean = [0.0, 0.0, 0.0]
+        with pytest.raises(TypeError, match=rf"{name}.running_var must be a floating array, got dtype int64"):
+            layer.running_var = np.ones(3, np.int64)
+        with pytest.raises(TypeError, match=rf"{name}.num_batches_tracked must be an integer array"):
+            layer.num_batches_tracked = np.array(1.0)
+        layer.running_var = np.full(3, 2.0, np.float32)      # the right shape is accepted
+    layer.weight = mb.Parameter(np.full(shape, 2.0, np.float32))
+    assert layer.weight.shape == shape
+
+
+@pytest.mark.parametrize("name,make,shape", LAYERS_WITH_STATE, ids=[n for n, _, _ in LAYERS_WITH_STATE])
+def test_wrong_size_state_dict_entry_names_the_key_and_both_shapes(name, make, shape):
+    layer = make()
+    for key, value in good_state(layer).items():
+        sd = good_state(layer)
+        wrong = (2,) if key == "num_batches_tracked" else (shape[0] + 1,) + shape[1:]
+        sd[key] = np.zeros(wrong, value.dtype)
+        with pytest.raises(ValueError, match=rf"'{key}' has shape {re.escape(str(wrong))}, "
+                                             rf"expected {re.escape(str(value.shape))}"):
+            layer.load_state_dict(sd)

@@ -646,7 +646,8 @@ def _fake_kernel(name):
         dy64 = dy.astype(np.float64)
         return dy64.sum(axis=axis), (dy64 * (x.astype(np.float64) - mean)).sum(axis=axis)
 
-    def affine(x, shift, a, b, y):
+    def affine(x, shift, a, b, y, kept):
+        kept[...] = x
         y[...] = (x - shift) * a + b
 
     def grad(dy, x, mean, k, c0, c3, dx):
@@ -679,7 +680,8 @@ def test_cupy_host_code_with_numpy_standing_in(ref, monkeypatch, shape, loc, til
     assert _max_err(db, db_ref) <= 1e-5 * np.abs(db_ref).max() + 1e-4
     # given statistics and a reduce hook, as SyncBatchNorm uses them
     reduce = lambda s1, s2: (2 * s1, 2 * s2)                            # noqa: E731
-    y2, inv_std = kernels_cupy.normalize(x, mu, var, w, b, EPS)
+    y2, inv_std, kept = kernels_cupy.normalize(x, mu, var, w, b, EPS)
+    assert np.array_equal(kept, x) and kept is not x
     assert _max_err(y2, y_ref) <= 2e-6 * np.abs(y_ref).max()
     cache2 = K.KernelCache(x, mu, var, inv_std, w, EPS, 2 * m)
     dx2, dw2, db2 = kernels_cupy.backward(dy, cache2, reduce=reduce)

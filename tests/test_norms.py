@@ -274,13 +274,17 @@ def test_empty_batch(rng):
             np.testing.assert_array_equal(layer.running_var, np.ones(4))
 
 
-def test_one_element_groups_give_beta_like_pytorch(rng):
-    """LayerNorm/GroupNorm with one value per group: x - mean = 0, output = beta (no error)."""
+def test_one_element_groups_are_refused(rng):
+    """LayerNorm/GroupNorm with one value per group would output beta whatever the input
+    (x - mean = 0) with a zero gradient: refused like batch norm's one value per channel.
+    (PyTorch returns beta here, except for a GroupNorm batch of one, where it raises.)"""
     gn = mb.GroupNorm(2, 2, dtype=np.float64)
-    gn.bias.data[...] = [0.5, -1.0]
-    np.testing.assert_allclose(gn(rng.standard_normal((3, 2))), np.tile([0.5, -1.0], (3, 1)), atol=1e-12)
-    ln = mb.LayerNorm(1)
-    np.testing.assert_array_equal(ln(rng.standard_normal((3, 1))), np.zeros((3, 1)))
+    with pytest.raises(ValueError, match=r"more than 1 value per group.*\(3, 2\) \(num_groups=2"):
+        gn(rng.standard_normal((3, 2)))
+    with pytest.raises(ValueError, match=r"more than 1 value in normalized_shape.*\(3, 1\)"):
+        mb.LayerNorm(1)(rng.standard_normal((3, 1)))
+    with pytest.raises(ValueError, match=r"more than 1 value per group"):
+        F.group_norm_forward(rng.standard_normal((0, 4, 1)), 4)      # even an empty batch
 
 
 def test_group_norm_limits_equal_layer_and_instance_norm(rng):

@@ -155,3 +155,24 @@ def test_state_dict_keys_match_torch():
         b = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
         assert a == b
         ours.load_state_dict({k: v.numpy() for k, v in theirs.state_dict().items()})
+
+
+def test_one_value_per_group_or_row(rng):
+    """Statistics over one value make the output the bias whatever the input.  Where PyTorch
+    raises (a GroupNorm batch of one), minibn raises the same ValueError; where PyTorch returns
+    that constant output (more samples; LayerNorm over one element), minibn raises too."""
+    x1 = rng.standard_normal((1, 3))
+    with pytest.raises(ValueError, match="Expected more than 1 value"):
+        torch.nn.GroupNorm(3, 3, dtype=T64)(torch.from_numpy(x1))
+    with pytest.raises(ValueError, match="Expected more than 1 value per group"):
+        mb.GroupNorm(3, 3)(x1)
+    x4 = rng.standard_normal((4, 3))
+    with torch.no_grad():
+        assert float(torch.nn.GroupNorm(3, 3, dtype=T64)(torch.from_numpy(x4)).abs().max()) < 1e-2
+    with pytest.raises(ValueError, match="Expected more than 1 value per group"):
+        mb.GroupNorm(3, 3)(x4)
+    x = rng.standard_normal((4, 1))
+    with torch.no_grad():
+        assert float(torch.nn.LayerNorm(1, dtype=T64)(torch.from_numpy(x)).abs().max()) == 0.0
+    with pytest.raises(ValueError, match="Expected more than 1 value in normalized_shape"):
+        mb.LayerNorm(1)(x)

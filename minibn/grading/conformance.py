@@ -258,7 +258,7 @@ def _(c):
 
 @case("bn_forward", "eps_inside_sqrt")
 def _(c):
-    for eps in (0.5, 0.0, 3.0):
+    for eps in (0.5, 1e-300, 3.0):          # eps must be > 0; 1e-300 acts as 0 did
         x = data((5, 4), 4, scale=0.3)
         w, b = affine(4, 5)
         _check_forward(c, x, w, b, eps, 1e-10, what=f"eps={eps}: ")
@@ -958,6 +958,10 @@ def _(c):
     layer = _sync_layer(c, 5, 119)
     ledger = _ledger(layer)
     expect(ledger is not None, "SyncBatchNorm has no comm.ledger to count its collectives")
+    # a layer's first forward may also check, once, that the ranks built it alike (minibn's does):
+    # one step first, not counted; then the counts of every later step
+    layer(data((4, 5, 3), 119)[_split(c, 4, [2, 2])])
+    layer.backward(rng(119).standard_normal((4, 5, 3))[_split(c, 4, [2, 2])])
     sent = []
     for n in (6, 30):
         x, dy = data((n, 5, 3), 120 + n), rng(121).standard_normal((n, 5, 3))

@@ -7,6 +7,8 @@ failures is then gathered so that every rank fails (or passes) together.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -79,3 +81,19 @@ def identical_on_all_ranks(a) -> bool:
     """True when ``a`` has the same bytes on every rank."""
     blobs = world().allgather(np.ascontiguousarray(a).tobytes())
     return all(b == blobs[0] for b in blobs)
+
+
+def barrier_within(seconds: float):
+    """A barrier that fails (on this rank) instead of waiting more than ``seconds``.
+
+    Proves that every rank got past whatever came before: a rank stuck in an
+    earlier collective never arrives, and the ranks that did arrive fail here
+    with a message rather than waiting for the watchdog.
+    """
+    request = world().Ibarrier()
+    deadline = time.monotonic() + seconds
+    while not request.Test():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"rank {world().Get_rank()}: not every rank reached the barrier "
+                                 f"within {seconds:g} s (some rank is stuck in an earlier collective)")
+        time.sleep(0.001)

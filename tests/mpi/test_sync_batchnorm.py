@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from syncbn_helpers import (agree, batch_sizes, check_close, identical_on_all_ranks, my_slice,
-                            rank_size, sum_over_ranks, world)
+from syncbn_helpers import (agree, barrier_within, batch_sizes, check_close, identical_on_all_ranks,
+                            my_slice, rank_size, rel_error, sum_over_ranks, world)
 
 import minibn as mb
 
@@ -130,13 +130,23 @@ def test_running_statistics_follow_the_global_batches(momentum, ref):
     agree(failures)
 
 
-def test_one_call_and_o_of_c_bytes_per_pass():
+def first_forward_check(P):
+    """What a layer's first synchronized forward adds on P ranks: one Allgather of 2 int64."""
+    return {"allgather_ints": (1, 2 * 8)} if P > 1 else {}
+
+
+@pytest.mark.parametrize("timeout", [None, 0, 30], ids=["default", "no-timeout", "timeout-30s"])
+def test_one_call_and_o_of_c_bytes_per_pass(timeout):
+    """Forward: 1 call of 24 (C + 1) bytes, plus the 16-byte check on the first (P > 1);
+    backward: 1 call of 16 C bytes; eval: nothing.  The same with the collective timeout
+    on (a non-blocking call polled to its deadline) or off (the blocking call)."""
     rank, P = rank_size()
     C = 5
-    sync = mb.SyncBatchNorm(C, dtype=np.float64)
+    sync = mb.SyncBatchNorm(C, dtype=np.float64,
+                            comm=mb.distributed.Communicator(world(), timeout=timeout))
     ledger = sync.comm.ledger
     failures = []
-    for per_rank in (3, 40):                 # payload must not depend on the batch size
+    for step, per_rank in enumerate((3, 40, 7)):          # payload must not depend on the batch size
         x = np.random.default_rng(per_rank).standard_normal((per_rank, C, 2))
         before = ledger.snapshot()
         y = sync(x)
@@ -144,8 +154,9 @@ def test_one_call_and_o_of_c_bytes_per_pass():
         before = ledger.snapshot()
         sync.backward(np.ones_like(y))
         bwd = ledger.since(before)
-        if fwd != {"allreduce_moments": (1, 3 * (C + 1) * 8)}:
-            failures.append(f"forward with {per_rank} per rank: {fwd}")
+        want = {"allreduce_moments": (1, 3 * (C + 1) * 8), **(first_forward_check(P) if step == 0 else {})}
+        if fwd != want:
+            failures.append(f"forward {step} with {per_rank} per rank: {fwd}, expected {want}")
         if bwd != {"allreduce_sum": (1, 2 * C * 8)}:
             failures.append(f"backward with {per_rank} per rank: {bwd}")
     sync.eval()
@@ -171,8 +182,9 @@ def test_eval_without_running_statistics_is_synchronized():
     failures = []
     check_close(failures, "y", y, ref(x)[mine], 1e-11)
     check_close(failures, "dx", dx, ref.backward(dy)[mine], 1e-11)
-    if used != {"allreduce_moments": (1, 3 * 4 * 8), "allreduce_sum": (1, 2 * 3 * 8)}:
-        failures.append(f"expected one forward and one backward call, got {used}")
+    want = {"allreduce_moments": (1, 3 * 4 * 8), "allreduce_sum": (1, 2 * 3 * 8), **first_forward_check(P)}
+    if used != want:
+        failures.append(f"expected one forward and one backward call (and the first check), got {used}")
     agree(failures)
 
 
@@ -218,8 +230,8 @@ def test_all_ranks_empty():
     if int(sync.num_batches_tracked) != 0 or not np.all(sync.running_var == 1):
         failures.append("an all-empty batch changed the running statistics")
     used = sync.comm.ledger.since(before)
-    if used != {"allreduce_moments": (1, 3 * 4 * 8)}:
-        failures.append(f"expected the forward call only, got {used}")
+    if used != {"allreduce_moments": (1, 3 * 4 * 8), **first_forward_check(P)}:
+        failures.append(f"expected the forward call (and the first check) only, got {used}")
     agree(failures)
 
 
@@ -349,6 +361,75 @@ def test_torch_batchnorm_on_the_whole_batch_is_the_oracle():
     agree(failures)
 
 
+def disagreement_outcomes(build, x_for, attempts=2):
+    """Run ``attempts`` forwards of a layer that ``build(rank)`` makes differently on some ranks.
+
+    Returns this rank's error messages and what its ledger recorded; a forward
+    that returns instead of raising is reported as ``None``.
+    """
+    rank, _ = rank_size()
+    sync = build(rank)
+    messages = []
+    for _ in range(attempts):               # a caller that catches the error and tries again
+        try:
+            sync(x_for(sync))
+            messages.append(None)
+        except ValueError as exc:
+            messages.append(str(exc))
+    return messages, sync.comm.ledger.snapshot()
+
+
+def test_ranks_that_disagree_on_num_features_all_raise_and_nobody_waits():
+    """Rank 0 builds SyncBatchNorm(3), the others SyncBatchNorm(4): every rank raises the same
+    ValueError, nothing but the fixed-size check is sent, and every rank goes on to the next
+    collective (a barrier with a deadline, then a well-built layer's forward and backward)."""
+    rank, P = rank_size()
+    if P < 2:
+        pytest.skip("needs two ranks")
+    messages, used = disagreement_outcomes(
+        lambda r: mb.SyncBatchNorm(3 if r == 0 else 4, dtype=np.float64,
+                                   comm=mb.distributed.Communicator(world())),       # a fresh ledger
+        lambda layer: np.ones((2, layer.num_features)))
+    failures = []
+    others = "rank 1" if P == 2 else f"ranks 1-{P - 1}"
+    expected = f"the {P} ranks disagree on num_features (3 on rank 0; 4 on {others})"
+    for attempt, message in enumerate(messages):
+        if message is None or expected not in message:
+            failures.append(f"attempt {attempt}: expected a ValueError saying {expected!r}, got {message!r}")
+        elif f"rank {rank} has SyncBatchNorm({3 if rank == 0 else 4}," not in message:
+            failures.append(f"attempt {attempt}: the message does not name this rank's layer: {message}")
+    if used != {"allgather_ints": (2, 2 * 2 * 8)}:
+        failures.append(f"expected only the two 16-byte checks to cross, got {used}")
+    barrier_within(20)
+    x, dy, gamma, beta = make_batch(batch_sizes("uneven", P), 2, np.float64, C=3, seed=11)
+    sync, ref = pair(3, np.float64, gamma, beta, comm=mb.distributed.Communicator(world()))
+    mine = my_slice(batch_sizes("uneven", P))
+    check_close(failures, "y after the error", sync(x[mine]), ref(x)[mine], 1e-11)
+    check_close(failures, "dx after the error", sync.backward(dy[mine]), ref.backward(dy)[mine], 1e-11)
+    agree(failures)
+
+
+def test_ranks_that_disagree_on_track_running_stats_all_raise():
+    """It decides whether eval passes communicate: a disagreement would hang the first eval pass."""
+    rank, P = rank_size()
+    if P < 2:
+        pytest.skip("needs two ranks")
+    messages, used = disagreement_outcomes(
+        lambda r: mb.SyncBatchNorm(2, track_running_stats=(r != P - 1),
+                                   comm=mb.distributed.Communicator(world())),
+        lambda layer: np.ones((3, 2), np.float32), attempts=1)
+    last = f"rank {P - 1}"
+    rest = "rank 0" if P == 2 else f"ranks 0-{P - 2}"
+    expected = f"disagree on track_running_stats (False on {last}; True on {rest})"
+    failures = []
+    if messages[0] is None or expected not in messages[0] or "num_features" in messages[0]:
+        failures.append(f"expected a ValueError saying {expected!r} only, got {messages[0]!r}")
+    if used != {"allgather_ints": (1, 2 * 8)}:
+        failures.append(f"expected only the 16-byte check to cross, got {used}")
+    barrier_within(20)
+    agree(failures)
+
+
 def test_layers_built_on_a_sub_communicator():
     """comm= takes any intra-communicator: two halves of the world normalize separately."""
     rank, P = rank_size()
@@ -367,4 +448,35 @@ def test_layers_built_on_a_sub_communicator():
             failures.append(f"count {sync.last_moments[0]} != {2 * len(mates)}")
     finally:
         sub.Free()
+    agree(failures)
+
+
+def test_the_timeout_path_gives_every_rank_the_same_bits_as_the_blocking_path():
+    """With a timeout the collectives are Iallreduce/Iallgather polled with Test (the merge a
+    user-defined op run inside Test); the statistics, outputs and gradients must be identical
+    on every rank and equal to the blocking calls' (bit for bit with 2 ranks, where both
+    merge the same two records)."""
+    rank, P = rank_size()
+    sizes = batch_sizes("uneven", P)
+    rng = np.random.default_rng(11)
+    x_all = rng.normal(1e4, 2.0, size=(int(sum(sizes)), 6, 3))
+    dy_all = rng.standard_normal(x_all.shape)
+    part = my_slice(sizes)
+    results = {}
+    for timeout in (0, 30):
+        sync = mb.SyncBatchNorm(6, dtype=np.float64,
+                                comm=mb.distributed.Communicator(world(), timeout=timeout))
+        y = sync(x_all[part])
+        dx = sync.backward(dy_all[part])
+        results[timeout] = (sync.last_moments[1], sync.last_moments[2], y, dx, sync.running_var)
+    failures = []
+    moments = world().allgather(results[30][:2])
+    if any(not (np.array_equal(m[0], moments[0][0]) and np.array_equal(m[1], moments[0][1]))
+           for m in moments):
+        failures.append("ranks ended with different statistics on the timeout path")
+    for name, a, b in zip(("mean", "var", "y", "dx", "running_var"), results[0], results[30]):
+        same = np.array_equal(a, b) if P == 2 else rel_error(a, b) < 1e-12
+        if not same:
+            failures.append(f"{name}: the timeout path differs from the blocking path "
+                            f"(relative error {rel_error(a, b):.2e})")
     agree(failures)
