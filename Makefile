@@ -1,7 +1,8 @@
 # minibn: every target sets up its own virtual environment (.venv) first.
 #   make article   the main job: every lesson, then every figure
 #   make test      the test suite, single-process and under mpiexec -n 2, 3, 4; then again on
-#                  the optional numba kernels
+#                  the optional numba kernels; then the wheel, installed into a fresh virtual
+#                  environment (needs PyPI), run from a temporary folder
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -10,7 +11,7 @@ STAMP  := $(VENV)/.minibn-installed
 PIP    := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 MPI_RANKS ?= 2 3 4
 
-.PHONY: all setup article figures lessons notebooks test test-fast test-mpi test-numba bench oracle info clean
+.PHONY: all setup article figures lessons notebooks test test-fast test-mpi test-numba test-install bench oracle info clean
 
 all: article
 
@@ -31,11 +32,9 @@ lessons: $(STAMP)
 	$(PY) -m minibn lessons
 
 notebooks: $(STAMP)
-	@mkdir -p notebooks
-	$(VENV)/bin/jupytext --to ipynb --output-dir notebooks lessons/*.py 2>/dev/null || \
-	  for f in lessons/*.py; do $(VENV)/bin/jupytext --to ipynb -o notebooks/$$(basename $${f%.py}).ipynb $$f; done
+	$(PY) -m minibn notebooks --force notebooks
 
-test: test-fast test-mpi test-numba
+test: test-fast test-mpi test-numba test-install
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests --ignore=tests/mpi
@@ -50,6 +49,11 @@ test-mpi: $(STAMP)
 test-numba: $(STAMP)
 	MINIBN_KERNELS=numba $(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/mpi
 	MINIBN_KERNELS=numba $(MPIEXEC) -n 2 $(PY) -m mpi4py -m pytest -q -p no:cacheprovider tests/mpi
+
+# the sdist and the wheel built from it; the wheel installed into a fresh virtual environment
+# (dependencies from PyPI, pinned by constraints.txt) and its commands run from a temporary folder
+test-install: $(STAMP)
+	MINIBN_TEST_INSTALL=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_install.py
 
 bench: $(STAMP)
 	$(PY) -m minibn bench

@@ -1,19 +1,23 @@
-"""``python -m minibn {article,figures,lessons,lesson,info,bench,assignment,grade}``."""
+"""``python -m minibn {article,figures,lessons,lesson,notebooks,info,bench,assignment,grade}``.
+
+Every command works from any directory, in a clone and in an installed minibn:
+:mod:`minibn.lessons_index` says where the lessons are and where the figures go.
+"""
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 
+from . import lessons_index
 
-def _repo_root():
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NO_LESSONS = ("this minibn has no lessons (neither a lessons/ folder next to the package nor the copy "
+              "a wheel installs in minibn/lessons/); reinstall it with `pip install minibn`")
 
 
 def lesson_paths():
-    """The lesson scripts, in order (``lessons/NN_topic.py`` next to the package)."""
-    return sorted(glob.glob(os.path.join(_repo_root(), "lessons", "[0-9][0-9]_*.py")))
+    """The lesson scripts, in order (see :mod:`minibn.lessons_index`)."""
+    return lessons_index.lesson_paths()
 
 
 def fail(message: str, code: int = 2):
@@ -27,12 +31,14 @@ def find_lesson(number: int) -> str:
     for path in paths:
         if os.path.basename(path).startswith(f"{number:02d}_"):
             return path
-    there = ", ".join(os.path.basename(p) for p in paths) or "none (no lessons/ folder next to minibn)"
-    fail(f"no lesson {number}; the lessons are: {there}")
+    if not paths:
+        fail(NO_LESSONS)
+    fail(f"no lesson {number}; the lessons are: {', '.join(os.path.basename(p) for p in paths)}")
 
 
 def run_lesson(path: str, index: int = 1, total: int = 1) -> int:
-    """Run one lesson exactly as ``python lessons/NN_topic.py`` from the repository root.
+    """Run one lesson exactly as ``python lessons/NN_topic.py`` from the repository root
+    (in an installed minibn, from the current directory; the lessons write no files).
 
     Each lesson gets a fresh interpreter, so no state (backend, print options,
     random generators) leaks from one lesson into the next.  Returns its exit status.
@@ -41,7 +47,7 @@ def run_lesson(path: str, index: int = 1, total: int = 1) -> int:
     counter = f"[{index}/{total}] " if total > 1 else ""
     print(f"\n{'=' * 78}\n{counter}{os.path.basename(path)}\n{'=' * 78}", flush=True)
     sys.stderr.flush()
-    return subprocess.call([sys.executable, path], cwd=_repo_root())
+    return subprocess.call([sys.executable, path], cwd=lessons_index.source_tree() or os.getcwd())
 
 
 def cmd_lesson(args):
@@ -53,7 +59,7 @@ def cmd_lessons(args):
     import time
     paths = lesson_paths()
     if not paths:
-        fail("no lessons found (expected lessons/NN_topic.py next to the minibn package)")
+        fail(NO_LESSONS)
     failed, start = [], time.perf_counter()
     for i, path in enumerate(paths, start=1):
         if run_lesson(path, i, len(paths)) != 0:
@@ -84,6 +90,21 @@ def cmd_article(args):
     return cmd_figures(args) or status
 
 
+def cmd_notebooks(args):
+    from .notebooks import write_notebooks
+    paths = lesson_paths()
+    if not paths:
+        fail(NO_LESSONS)
+    try:
+        written = write_notebooks(args.out, paths, overwrite=args.force)
+    except (FileExistsError, ValueError) as e:
+        fail(str(e))
+    print(f"{len(written)} notebooks in {os.path.abspath(args.out)}:")
+    for path in written:
+        print(f"  {os.path.basename(path)}")
+    return 0
+
+
 def cmd_info(args):
     from .info import info_lines
     print("\n".join(info_lines()))
@@ -104,16 +125,20 @@ def cmd_grade(args):
     return grade_main([args.dir] + list(args.rest))
 
 
+FIGURES_OUT_HELP = ("the folder for the figures (default: the clone's figures/, or figures/ "
+                    "in the current directory when minibn is installed)")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m minibn",
                                 description="minibn: batch normalization from scratch")
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("article", help="every lesson, then every figure (what `make article` runs)")
-    a.add_argument("--out", default=os.path.join(_repo_root(), "figures"))
+    a.add_argument("--out", default=lessons_index.default_figures_dir(), help=FIGURES_OUT_HELP)
     a.add_argument("--quiet", action="store_true")
     a.set_defaults(func=cmd_article)
     f = sub.add_parser("figures", help="regenerate the figures (PNG + JSON numbers)")
-    f.add_argument("--out", default=os.path.join(_repo_root(), "figures"))
+    f.add_argument("--out", default=lessons_index.default_figures_dir(), help=FIGURES_OUT_HELP)
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.add_argument("names", nargs="*", help="only these figures")
     f.set_defaults(func=cmd_figures)
@@ -122,6 +147,10 @@ def build_parser():
     l1 = sub.add_parser("lesson", help="run one lesson, printing its steps")
     l1.add_argument("number", type=int)
     l1.set_defaults(func=cmd_lesson)
+    nb = sub.add_parser("notebooks", help="write the lessons as Jupyter notebooks into a folder")
+    nb.add_argument("out", help="the folder to write NN_topic.ipynb into (created if missing)")
+    nb.add_argument("--force", action="store_true", help="overwrite notebooks already there")
+    nb.set_defaults(func=cmd_notebooks)
     i = sub.add_parser("info", help="versions, backend, GPU, MPI")
     i.set_defaults(func=cmd_info)
     b = sub.add_parser("bench", help="the benchmark tables")

@@ -129,3 +129,113 @@ def test_a_failing_lesson_gives_a_nonzero_exit(tmp_path, monkeypatch, capfd):
     bad.write_text("raise SystemExit(3)\n")
     monkeypatch.setattr(main_mod, "lesson_paths", lambda: [str(bad)])
     assert main_mod.main(["lesson", "7"]) == 3
+
+
+# =========================================================================== lessons and notebooks, anywhere
+
+def test_setup_cfg_ships_every_package_and_maps_the_lessons():
+    """The wheel's package list is written out in setup.cfg; a new subpackage must be added there."""
+    import configparser
+    from setuptools import find_packages
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(REPO, "setup.cfg"))
+    listed = cfg["options"]["packages"].split()
+    mapping = dict(line.split("=") for line in cfg["options"]["package_dir"].strip().splitlines())
+    on_disk = find_packages(REPO, include=["minibn", "minibn.*"])
+    assert sorted(listed) == sorted(on_disk + ["minibn.lessons"])
+    assert {k.strip(): v.strip() for k, v in mapping.items()} == {"minibn.lessons": "lessons"}
+
+
+def _fake_layout(root, lessons_at):
+    """A ``minibn/`` package folder under ``root`` with one lesson file in ``lessons_at``."""
+    package = root / "minibn"
+    package.mkdir(parents=True)
+    (root / lessons_at).mkdir(parents=True)
+    (root / lessons_at / "02_core_logic.py").write_text("print('lesson 2')\n")
+    (root / lessons_at / "notes.txt").write_text("not a lesson\n")
+    return str(package)
+
+
+def test_lessons_in_a_clone_are_the_lessons_folder(tmp_path, monkeypatch):
+    from minibn import lessons_index
+    monkeypatch.setattr(lessons_index, "PACKAGE_DIR", _fake_layout(tmp_path / "clone", "lessons"))
+    assert lessons_index.source_tree() == str(tmp_path / "clone")
+    assert lessons_index.lesson_paths() == [str(tmp_path / "clone" / "lessons" / "02_core_logic.py")]
+    assert lessons_index.default_figures_dir() == str(tmp_path / "clone" / "figures")
+
+
+def test_lessons_installed_are_the_copy_in_the_package(tmp_path, monkeypatch):
+    from minibn import lessons_index
+    site = tmp_path / "site-packages"
+    monkeypatch.setattr(lessons_index, "PACKAGE_DIR", _fake_layout(site, os.path.join("minibn", "lessons")))
+    monkeypatch.chdir(tmp_path)
+    assert lessons_index.source_tree() is None
+    assert lessons_index.lesson_paths() == [str(site / "minibn" / "lessons" / "02_core_logic.py")]
+    assert lessons_index.default_figures_dir() == str(tmp_path / "figures")     # never site-packages
+
+
+def test_without_lessons_the_commands_say_so(tmp_path, monkeypatch, capsys):
+    from minibn import __main__ as main_mod, lessons_index
+    package = tmp_path / "site-packages" / "minibn"
+    package.mkdir(parents=True)
+    monkeypatch.setattr(lessons_index, "PACKAGE_DIR", str(package))
+    for argv in (["lesson", "2"], ["lessons"], ["notebooks", str(tmp_path / "nb")]):
+        with pytest.raises(SystemExit) as exit_info:
+            main_mod.main(argv)
+        assert exit_info.value.code == 2
+        assert "no lessons" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "nb")
+
+
+def test_clone_defaults_to_the_repository_figures():
+    from minibn.__main__ import build_parser
+    for command in ("article", "figures"):
+        assert build_parser().parse_args([command]).out == os.path.join(REPO, "figures")
+
+
+def test_notebooks_command_writes_every_lesson_and_keeps_edited_ones(tmp_path):
+    out = tmp_path / "nb"
+    proc = cli("notebooks", out)
+    assert proc.returncode == 0, proc.stderr
+    lessons = sorted(f[:-3] for f in os.listdir(LESSONS) if f[:2].isdigit() and f.endswith(".py"))
+    assert sorted(os.listdir(out)) == [f"{name}.ipynb" for name in lessons]
+    (out / f"{lessons[0]}.ipynb").write_text("edited by a reader")
+    proc = cli("notebooks", out)
+    assert proc.returncode == 2 and "--force" in proc.stderr and lessons[0] in proc.stderr
+    assert (out / f"{lessons[0]}.ipynb").read_text() == "edited by a reader"
+    assert cli("notebooks", "--force", out).returncode == 0
+    with open(out / f"{lessons[0]}.ipynb") as f:
+        assert json.load(f)["nbformat"] == 4
+
+
+def test_notebooks_equal_jupytext_conversion_and_validate():
+    """Our percent -> ipynb conversion against jupytext's, cell by cell, and nbformat's schema."""
+    jupytext = pytest.importorskip("jupytext")
+    nbformat = pytest.importorskip("nbformat")
+    from minibn.notebooks import percent_to_notebook
+    names = sorted(f for f in os.listdir(LESSONS) if f[:2].isdigit() and f.endswith(".py"))
+    assert names
+    for name in names:
+        path = os.path.join(LESSONS, name)
+        with open(path) as f:
+            ours = percent_to_notebook(f.read())
+        nbformat.validate(nbformat.from_dict(ours))
+        theirs = json.loads(jupytext.writes(jupytext.read(path), fmt="ipynb"))
+        assert [(c["cell_type"], "".join(c["source"])) for c in ours["cells"]] == \
+               [(c["cell_type"], "".join(c["source"])) for c in theirs["cells"]], name
+
+
+def test_percent_to_notebook_reads_the_format_and_refuses_the_rest():
+    from minibn.notebooks import percent_to_notebook
+    text = ("# ---\n# jupyter:\n#   kernel: x\n# ---\n\n# %% [markdown]\n# # Title\n#\n# Some *text*.\n\n"
+            "# %%\nimport math\n\nprint(math.pi)  # a comment stays\n\n\n# %%\n\n")
+    cells = percent_to_notebook(text)["cells"]
+    assert [(c["cell_type"], c["source"]) for c in cells] == [
+        ("markdown", ["# Title\n", "\n", "Some *text*."]),
+        ("code", ["import math\n", "\n", "print(math.pi)  # a comment stays"])]
+    with pytest.raises(ValueError, match=r"line 2: unsupported cell marker '# %% \[raw\]'"):
+        percent_to_notebook("x = 1\n# %% [raw]\n")
+    with pytest.raises(ValueError, match=r"line 3: a markdown cell holds only comment lines"):
+        percent_to_notebook("# %% [markdown]\n# text\nnot a comment\n")
+    with pytest.raises(ValueError, match="never closed"):
+        percent_to_notebook("# ---\n# jupyter:\n")

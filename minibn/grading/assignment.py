@@ -114,6 +114,7 @@ def write_assignment(out_dir: str, source_package: str = _PACKAGE, check_import:
     target = os.path.join(out_dir, "minibn")
     shutil.copytree(source_package, target, ignore=_ignore)
     shutil.rmtree(os.path.join(target, "grading"), ignore_errors=True)
+    shutil.rmtree(os.path.join(target, "lessons"), ignore_errors=True)   # an installed copy: goes to lessons/
     os.makedirs(os.path.join(target, "grading"))
     with open(os.path.join(target, "grading", "__init__.py"), "w") as f:
         f.write(_GRADING_PLACEHOLDER)
@@ -124,7 +125,9 @@ def write_assignment(out_dir: str, source_package: str = _PACKAGE, check_import:
         with open(path, "w", encoding="utf-8", newline="") as f:
             f.write(stub_source(text, hint_for, rel))
     _force_reference_path(target)
-    lessons = os.path.join(os.path.dirname(source_package), "lessons")
+    lessons = os.path.join(os.path.dirname(source_package), "lessons")        # a clone
+    if not os.path.isdir(lessons):
+        lessons = os.path.join(source_package, "lessons")                     # an installed wheel
     if os.path.isdir(lessons):
         shutil.copytree(lessons, os.path.join(out_dir, "lessons"), ignore=_ignore)
     with open(os.path.join(out_dir, "README.md"), "w") as f:
