@@ -52,6 +52,7 @@ from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d
 DEFAULT_SHAPES = [(4096, 256), (256, 1024), (64, 64, 32, 32), (32, 128, 28, 28)]
 SYNCBN_SHAPE = (32, 128, 28, 28)
 SYNCBN_RANKS = (1, 2, 4)
+SYNCBN_TIMEOUTS = ("0", "600")      # MINIBN_COLLECTIVE_TIMEOUT: off (blocking calls), on (polled)
 FORWARD_PASSES, BACKWARD_PASSES = 3, 5        # |x|-sized reads/writes of a two-pass algorithm
 
 
@@ -429,11 +430,13 @@ def syncbn_worker(shape, dtype, repeats, warmup):
         print("SYNCBN_RESULT " + json.dumps(dict(
             ranks=size, shape=list(shape), local_batch=hi - lo, dtype=np.dtype(dtype).name,
             step=float(np.median(steps)), bytes_per_rank=int(np.median(comm_bytes)),
-            calls=int(np.median(calls)), threads=kernels.num_threads())), flush=True)
+            calls=int(np.median(calls)), threads=kernels.num_threads(),
+            timeout=bn.comm.timeout)), flush=True)
 
 
-def bench_syncbn(shape, dtype, ranks, repeats, warmup, log=print):
-    """Launch ``mpiexec -n P python -m minibn.bench --syncbn-worker`` for each P; collect rows."""
+def bench_syncbn(shape, dtype, ranks, repeats, warmup, log=print, timeouts=("0",)):
+    """Launch ``mpiexec -n P python -m minibn.bench --syncbn-worker`` for each P and each
+    ``MINIBN_COLLECTIVE_TIMEOUT`` in ``timeouts`` (P = 1: the first only); collect rows."""
     try:
         import importlib.util
         if importlib.util.find_spec("minibn.distributed") is None:
@@ -447,36 +450,40 @@ def bench_syncbn(shape, dtype, ranks, repeats, warmup, log=print):
         return [], "mpiexec not found"
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     rows = []
-    for p in ranks:
-        env = dict(os.environ, MINIBN_NUM_THREADS=str(max(1, cpus // p)))
+    runs = [(p, t) for p in ranks for t in (timeouts[:1] if p == 1 else timeouts)]
+    for p, timeout in runs:
+        env = dict(os.environ, MINIBN_NUM_THREADS=str(max(1, cpus // p)),
+                   MINIBN_COLLECTIVE_TIMEOUT=timeout)
         cmd = [mpiexec, "-n", str(p), sys.executable, "-m", "minibn.bench", "--syncbn-worker",
                "--shapes", "x".join(map(str, shape)), "--dtypes", np.dtype(dtype).name,
                "--repeats", str(repeats), "--warmup", str(warmup)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         except subprocess.TimeoutExpired:
-            log(f"  SyncBN P={p}: timed out")
+            log(f"  SyncBN P={p}, timeout {timeout}: timed out")
             continue
         found = [ln for ln in proc.stdout.splitlines() if ln.startswith("SYNCBN_RESULT ")]
         if proc.returncode != 0 or not found:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            log(f"  SyncBN P={p}: failed (exit {proc.returncode}): {' | '.join(tail)}")
+            log(f"  SyncBN P={p}, timeout {timeout}: failed (exit {proc.returncode}): {' | '.join(tail)}")
             continue
         rows.append(json.loads(found[-1].split(" ", 1)[1]))
-        log(f"  measured SyncBN P={p}", flush=True)
+        log(f"  measured SyncBN P={p}, timeout {timeout}", flush=True)
     return rows, None
 
 
 def format_syncbn_table(rows):
     lines = ["| ranks P | local batch | step ms (slowest rank) | speed-up vs P=1 | "
-             "collectives per step | bytes per rank per step | kernel threads per rank |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
+             "collectives per step | bytes per rank per step | kernel threads per rank | "
+             "collective timeout |",
+             "|---:|---|---:|---:|---:|---:|---:|---|"]
     base = next((r["step"] for r in rows if r["ranks"] == 1), None)
     for r in rows:
         local = (r["local_batch"],) + tuple(r["shape"][1:])
+        timeout = "off" if r.get("timeout") is None else f"{r['timeout']:g} s"
         lines.append(f"| {r['ranks']} | ({', '.join(map(str, local))}) | {r['step'] * 1e3:.2f} | "
                      f"{_ratio(base, r['step']) if base else '—'} | {r['calls']} | "
-                     f"{r['bytes_per_rank']} | {r['threads']} |")
+                     f"{r['bytes_per_rank']} | {r['threads']} | {timeout} |")
     return "\n".join(lines)
 
 
@@ -654,7 +661,8 @@ def main(argv=None) -> int:
     if not args.no_syncbn:
         log("SyncBatchNorm ...")
         sdt = dtypes[0]
-        srows, why = bench_syncbn(SYNCBN_SHAPE, sdt, ranks, max(3, repeats // 2), warmup, log=log)
+        srows, why = bench_syncbn(SYNCBN_SHAPE, sdt, ranks, max(3, repeats // 2), warmup, log=log,
+                                  timeouts=SYNCBN_TIMEOUTS)
         results["syncbn"] = srows
         print(f"### SyncBatchNorm: one training step on a global batch {SYNCBN_SHAPE} "
               f"{np.dtype(sdt).name}, split over P ranks\n")

@@ -28,6 +28,19 @@ Three collectives exist, because SyncBatchNorm needs only these:
     its first exchange, to check that all ranks' layers send messages of the same
     size (a message whose length does not depend on the layer cannot truncate).
 
+**No collective waits forever.**  A Communicator can bound every collective
+it makes: ``Communicator(comm, timeout=seconds)``, or the environment variable
+``MINIBN_COLLECTIVE_TIMEOUT`` (seconds; ``0`` or ``off`` for none) when no
+``timeout`` is given; by default :data:`DEFAULT_TIMEOUT` (10 minutes).  With a
+timeout, each collective is started non-blocking (``Iallreduce``,
+``Iallgather``) and polled with ``Test`` until it completes or its deadline
+passes: a spin of about 2 ms, then sleeps that grow to :data:`LONGEST_SLEEP`, so a
+rank that waits does not keep a core busy.  On expiry the rank writes one line
+to stderr (:func:`collective_timeout_message`: which collective, which layer,
+rank, size, seconds waited, the likely causes) and calls ``MPI_Abort`` on its
+communicator, which ends every rank of the job.  Still one collective per call:
+the timeout changes how a rank waits, not what crosses.
+
 mpi4py is imported lazily, so ``import minibn`` works without it; creating a
 communicator without it raises one ``ImportError`` saying what to install.
 """
@@ -35,7 +48,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import os
+import sys
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
@@ -47,13 +63,20 @@ from .backend import asnumpy, get_array_module
 __all__ = [
     "INSTALL_HINT", "import_mpi", "Communicator", "Ledger", "LedgerEntry", "cuda_aware",
     "library_cuda_support", "host_staging_forced", "merge_moment_records", "HEADER_MARK",
-    "RECORD_WIDTH", "STAGING_ENV",
+    "RECORD_WIDTH", "STAGING_ENV", "TIMEOUT_ENV", "DEFAULT_TIMEOUT", "collective_timeout",
+    "collective_timeout_message", "wait_until_complete",
 ]
 
 INSTALL_HINT = "pip install 'minibn[mpi]'  (mpi4py >= 4 and an MPI library such as MPICH)"
 STAGING_ENV = "MINIBN_MPI_HOST_STAGING"
 RECORD_WIDTH = 3        # one moment record: (n, mean, var)
 HEADER_MARK = -1.0      # n < 0 marks a header record: (-1, smallest C, largest C)
+TIMEOUT_ENV = "MINIBN_COLLECTIVE_TIMEOUT"
+DEFAULT_TIMEOUT = 600.0     # seconds: far above any step's wait, far below "forever"
+FIRST_SLEEP = 20e-6         # the polling loop's first sleep, after a short spin ...
+LONGEST_SLEEP = 1e-3        # ... doubling up to this, so a waiting rank stays nearly idle
+SPIN_POLLS = 4000           # polls without sleeping first, about 2 ms (a peer that is almost there)
+TIMEOUT_EXIT_CODE = 14      # MPI_Abort's error code after a collective timed out
 
 
 def import_mpi():
@@ -269,6 +292,79 @@ def _moments_op_and_type():
     return _mpi_objects["op"], _mpi_objects["type"]
 
 
+# =========================================================================== the timeout
+
+_OFF_WORDS = ("0", "off", "none", "no", "false", "inf", "infinity")
+
+
+def collective_timeout(timeout=None) -> Optional[float]:
+    """The deadline of each collective, in seconds, or ``None`` for none (wait forever).
+
+    ``timeout`` is a number of seconds (``0`` or ``math.inf``: none), or
+    ``None`` for the environment variable ``MINIBN_COLLECTIVE_TIMEOUT`` (a
+    number, or ``off``), or :data:`DEFAULT_TIMEOUT` when that is unset or empty.
+    Anything else (negative, NaN, a word that is not a number) is a ``ValueError``
+    naming where it came from.
+    """
+    if timeout is None:
+        text = os.environ.get(TIMEOUT_ENV, "").strip()
+        if not text:
+            return DEFAULT_TIMEOUT
+        if text.lower() in _OFF_WORDS:
+            return None
+        try:
+            seconds = float(text)
+        except ValueError:
+            raise ValueError(f"{TIMEOUT_ENV}={text!r} is not a number of seconds (use e.g. 60, "
+                             f"or 0/off for no timeout)") from None
+        return _checked_seconds(seconds, f"{TIMEOUT_ENV}={text!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer, np.floating)):
+        raise TypeError(f"Communicator: timeout must be a number of seconds or None, "
+                        f"got {type(timeout).__name__} {timeout!r}")
+    return _checked_seconds(float(timeout), f"timeout={timeout!r}")
+
+
+def _checked_seconds(seconds: float, source: str) -> Optional[float]:
+    if math.isnan(seconds) or seconds < 0:
+        raise ValueError(f"{source}: a collective timeout must be >= 0 seconds (0 for none)")
+    return None if seconds == 0 or math.isinf(seconds) else seconds
+
+
+def collective_timeout_message(kind: str, tag: str, rank: int, size: int, waited: float,
+                               timeout: float) -> str:
+    """The one line a rank writes to stderr before aborting the job on a timeout."""
+    where = f" for {tag}" if tag else ""
+    return (f"minibn: collective timeout: {kind}{where} on rank {rank} of {size} did not complete "
+            f"within {timeout:g} s (waited {waited:.1f} s).  Likely causes: a rank in eval mode "
+            f"while the others train, a rank that died or raised, ranks that disagree on the "
+            f"layers or the order of their calls, or a lost network link.  Aborting the job "
+            f"(MPI_Abort) so that no rank waits forever; {TIMEOUT_ENV} sets the timeout.")
+
+
+def wait_until_complete(request, timeout: float, clock=time.monotonic, sleep=time.sleep):
+    """Poll ``request.Test()`` until it returns True or ``timeout`` seconds have passed.
+
+    Returns ``(completed, seconds waited)``.  Polls :data:`SPIN_POLLS` times
+    without pause (about 2 ms: ranks that are in step finish within it, as fast as
+    a blocking call), then sleeps between polls, starting at
+    :data:`FIRST_SLEEP` and doubling up to :data:`LONGEST_SLEEP`.  (MPI makes
+    progress inside ``Test``, so the polling is also what moves the collective
+    along; the sleeps stay short for that reason.)
+    """
+    start = clock()
+    deadline, pause, polls = start + timeout, FIRST_SLEEP, 0
+    while True:
+        if request.Test():
+            return True, clock() - start
+        now = clock()
+        if now >= deadline:
+            return False, now - start
+        polls += 1
+        if polls > SPIN_POLLS:
+            sleep(min(pause, deadline - now))
+            pause = min(2 * pause, LONGEST_SLEEP)
+
+
 # =========================================================================== the communicator
 
 class Communicator:
@@ -277,11 +373,16 @@ class Communicator:
     ``Communicator.wrap(comm)`` accepts ``None`` (the shared wrapper of
     ``MPI.COMM_WORLD``), an mpi4py communicator (a new wrapper), or a
     ``Communicator`` (returned as is, so layers can share one ledger).
+
+    ``timeout`` bounds every collective (seconds; see :func:`collective_timeout`
+    for ``None``, the default, and ``0`` for none).  ``self.timeout`` is the
+    resolved value, in seconds or ``None``.
     """
 
     _world = None
 
-    def __init__(self, comm=None):
+    def __init__(self, comm=None, timeout=None):
+        self.timeout = collective_timeout(timeout)
         MPI = import_mpi()
         if comm is None:
             comm = MPI.COMM_WORLD
@@ -304,7 +405,29 @@ class Communicator:
         return cls(comm)
 
     def __repr__(self):
-        return f"Communicator(rank={self.rank}, size={self.size}, calls={self.ledger.calls()})"
+        timeout = "none" if self.timeout is None else f"{self.timeout:g} s"
+        return (f"Communicator(rank={self.rank}, size={self.size}, timeout={timeout}, "
+                f"calls={self.ledger.calls()})")
+
+    # -- waiting, with or without a deadline -------------------------------------
+    def _complete(self, start, kind: str, tag: str):
+        """Run one collective: ``start(blocking)`` either completes it (``blocking=True``, no
+        timeout) or returns its request, which is polled until done or the deadline."""
+        if self.timeout is None:
+            start(True)
+            return
+        completed, waited = wait_until_complete(start(False), self.timeout)
+        if not completed:
+            self._abort_after_timeout(kind, tag, waited)
+
+    def _abort_after_timeout(self, kind: str, tag: str, waited: float):
+        line = collective_timeout_message(kind, tag, self.rank, self.size, waited, self.timeout)
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        self.mpi_comm.Abort(TIMEOUT_EXIT_CODE)
+        # MPICH's MPI_Abort asks the launcher to end the job and may return before it
+        # does; this rank must not go on with a collective that never completed.
+        os._exit(TIMEOUT_EXIT_CODE)
 
     # -- buffers ---------------------------------------------------------------
     def buffer_path(self, buf) -> str:
@@ -316,7 +439,16 @@ class Communicator:
             return "device" if cuda_aware() else "staged"
         return "host"
 
-    # -- the three collectives ---------------------------------------------------
+    # -- the three collectives -------------------------------------------------
+    def _allreduce(self, send, recv, op, kind: str, tag: str):
+        """``Allreduce``, or ``Iallreduce`` polled against the deadline.  A user-defined
+        ``MPI.Op`` is allowed in the non-blocking call too (MPI-3; mpi4py runs the Python
+        function inside ``Test``, on this thread); the merge is symmetric bit for bit, so
+        every rank ends with identical results either way."""
+        comm = self.mpi_comm
+        self._complete(lambda blocking: comm.Allreduce(send, recv, op=op) if blocking
+                       else comm.Iallreduce(send, recv, op=op), kind, tag)
+
     def allreduce_sum(self, buf, tag: str = ""):
         """Element-wise sum of ``buf`` over all ranks, in one ``Allreduce``.
 
@@ -329,7 +461,7 @@ class Communicator:
             send = xp.ascontiguousarray(buf)
             recv = xp.empty_like(send)
             _synchronize_current_stream(xp)
-            self.mpi_comm.Allreduce(send, recv, op=MPI.SUM)
+            self._allreduce(send, recv, MPI.SUM, "allreduce_sum", tag)
             result = recv
         else:
             # "staged" copies into a fresh host buffer (for a NumPy array too, so
@@ -338,7 +470,7 @@ class Communicator:
             send = np.array(asnumpy(buf), order="C", copy=True) if path == "staged" \
                 else np.ascontiguousarray(buf)
             recv = np.empty_like(send)
-            self.mpi_comm.Allreduce(send, recv, op=MPI.SUM)
+            self._allreduce(send, recv, MPI.SUM, "allreduce_sum", tag)
             result = recv if xp is np else xp.asarray(recv)
         self.ledger.record("allreduce_sum", tag, send.nbytes, path)
         return result
@@ -353,7 +485,9 @@ class Communicator:
         """
         send = np.ascontiguousarray(values, dtype=np.int64).reshape(-1)
         recv = np.empty((self.size, send.size), dtype=np.int64)
-        self.mpi_comm.Allgather(send, recv)
+        comm = self.mpi_comm
+        self._complete(lambda blocking: comm.Allgather(send, recv) if blocking
+                       else comm.Iallgather(send, recv), "allgather_ints", tag)
         self.ledger.record("allgather_ints", tag, send.nbytes, "host")
         return recv
 
@@ -372,6 +506,6 @@ class Communicator:
         op, rectype = _moments_op_and_type()
         out = np.empty_like(records)
         k = records.shape[0]
-        self.mpi_comm.Allreduce([records, k, rectype], [out, k, rectype], op=op)
+        self._allreduce([records, k, rectype], [out, k, rectype], op, "allreduce_moments", tag)
         self.ledger.record("allreduce_moments", tag, records.nbytes, path)
         return out

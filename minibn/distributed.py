@@ -69,8 +69,10 @@ messages (they are float64 on every path).
 
 Not checked: the *mode*.  A rank in eval (with running statistics) sends
 nothing, so ranks still training wait for it in their forward's Allreduce, as
-in PyTorch; seeing that would take a collective in every eval pass, or a
-timeout.  Call ``train()``/``eval()`` on every rank together.
+in PyTorch; seeing that would take a collective in every eval pass.  Such a job
+ends by the communicator's collective timeout (``MINIBN_COLLECTIVE_TIMEOUT``,
+see :mod:`minibn.comm`): a line on stderr, then ``MPI_Abort``.  Call
+``train()``/``eval()`` on every rank together.
 
 Also: eval mode communicates nothing (unless ``track_running_stats=False``,
 when batch statistics are synchronized in eval too); a rank with an empty local
