@@ -36,7 +36,7 @@ import math
 import numpy as np
 
 from minibn.experiments import evaluate
-from minibn.figures import s1_intuition as s1
+from minibn.figures import s1_intuition as s1, show
 from minibn.nn import BatchNorm1d
 
 KEYS = {"plain, default init": "plain_default", "BN, default init": "bn_default",
@@ -104,6 +104,7 @@ print(f"What this shows: without BN, the default init shrinks the ReLU outputs' 
       f"output has std between {min(bn_all):.2f} and {max(bn_all):.2f} at every checkpoint, near the "
       f"{relu_std:.2f} of a ReLU of a standard normal.  With He init the plain network starts well "
       f"scaled too (layer-8 std {ph[0][-1]:.2f}), and training moves it to {ph[-1][-1]:.2f}.")
+show("s1_activation_stats")
 
 # %% [markdown]
 # ## 2. Training curves: does BN "speed up convergence"?
@@ -144,6 +145,7 @@ print(f"What this shows: with the default init the plain network {learns} (loss 
       + ("with a careful init it still takes fewer epochs" if e_bn and e_plain and e_bn < e_plain
          else "with a careful init it is not faster in epochs")
       + " (an epoch with BN costs more compute: 8 more layers forward and backward).")
+show("s1_training_curves")
 
 # %% [markdown]
 # ## 3. Sensitivity to the initialization scale and to the learning rate
@@ -204,6 +206,7 @@ print(f"What this shows: BN trains over a wider range of initial scales and lear
       + f" than the plain network (loss {lb['final_train_loss'][0]:.3f} vs "
       f"{lp['final_train_loss'][0]:.3f}).  BN widens the range of workable settings; it does not "
       f"make every setting faster.")
+show("s1_init_lr_sweep")
 
 # %% [markdown]
 # ## 4. Is there a "regularization effect"?

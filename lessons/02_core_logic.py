@@ -32,6 +32,7 @@ import numpy as np
 
 import minibn as mb
 from minibn import functional as F
+from minibn.figures import s2_core_logic as s2, show
 from minibn.gradcheck import check_function, rel_error
 
 x = np.array([2.0, 4.0, 6.0, 8.0]).reshape(4, 1)     # N = 4 samples, C = 1 feature
@@ -122,6 +123,25 @@ for i, yy in enumerate(y[:, 0], start=1):
     print(f"y_exact_rounded_{i} = round(y_{i}, 2) = {round(float(yy), 2):.2f}")
 print(f"y_1_without_eps = gamma * (2 - 5) / sqrt(5) + beta = {v(2 * -3 / math.sqrt(5) + 1)}")
 print(f"x_hat_1_if_eps_were_e^-5 = (2 - 5) / sqrt(5 + e^-5) = {v(-3 / math.sqrt(5 + math.exp(-5)))}")
+
+x_hat_exact = cache.x_hat[:, 0]
+y_exact = y[:, 0]
+y_from_rounded = gamma[0] * x_hat_rounded + beta[0]
+rounding_error = float(np.max(np.abs(x_hat_rounded - x_hat_exact)))
+y_eps_effect = abs(float(y_exact[0]) - (2 * -3 / math.sqrt(5) + 1))
+print()
+print(f"Finding: the article's x_hat [{', '.join(ARTICLE['x_hat'])}] are the exact values "
+      f"[{', '.join(v(a) for a in x_hat_exact)}] rounded to two decimals.")
+print(f"Finding: the article's y are computed from the rounded x_hat: gamma * round(x_hat, 2) + beta "
+      f"gives [{', '.join(f'{a:.2f}' for a in y_from_rounded)}], while the exact y are "
+      f"[{', '.join(v(a) for a in y_exact)}], at two decimals "
+      f"[{', '.join(f'{a:.2f}' for a in y_exact)}]: gamma = {gamma[0]:g} doubles x_hat's rounding "
+      f"error of {rounding_error:.4f} to {gamma[0] * rounding_error:.4f}.")
+x_hat_1_e5 = -3 / math.sqrt(5 + math.exp(-5))
+print(f"Finding: eps = {eps:g} moves y_1 by only {y_eps_effect:.1e}; read as e^-5 = {math.exp(-5):.4f}, "
+      f"eps would give x_hat_1 = {x_hat_1_e5:.4f}, which also rounds to {x_hat_1_e5:.2f}: the printed "
+      f"numbers cannot tell the two readings apart (10^-5 is meant).")
+show("s2_example_activations")
 
 # %% [markdown]
 # ## Backward: gradients of the example

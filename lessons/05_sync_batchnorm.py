@@ -38,6 +38,7 @@ import numpy as np
 
 import minibn as mb
 from minibn import distributed as D
+from minibn.figures import show as show_figure
 
 try:
     from mpi4py import MPI
@@ -265,6 +266,14 @@ d_plain = float(np.max(np.abs(results["per_rank"]["params"] - results["global"][
 say(f"max |per-rank BN params - global-batch params| = {d_plain:.3g}")
 say(f"max |per-rank BN running_mean - global running_mean| = "
     f"{np.max(np.abs(results['per_rank']['running_mean'] - results['global']['running_mean'])):.3g}")
+if "sync" in results:
+    sync_gap, sync_how = d_sync, f"SyncBN on {SIZE} ranks"
+else:
+    sync_gap = float(max(np.max(np.abs(sim_mean - global_mean)), np.max(np.abs(sim_var - global_var))))
+    sync_how = f"SyncBN's merge of {P_SHOW} simulated ranks (statistics of step 0)"
+say()
+say(f"Finding: {sync_how} matches the one-process global batch to {sync_gap:.1e}, float64 round-off; "
+    f"per-rank BatchNorm ends {d_plain:.3g} away in the parameters after {STEPS} steps.")
 
 # %% [markdown]
 # SyncBatchNorm reproduces the one-process run to float64 round-off (about 1e-15: the ranks add
@@ -297,3 +306,29 @@ if ledger_comm is not None:
     for tag, nbytes in per_step.items():
         say(f"last step: {tag} = {nbytes} bytes")
 say("payload per step does not depend on the batch size: O(C) for BN, O(parameters) for gradients")
+stats_numbers = 3 * (C + 1) + 2 * C
+activation_numbers = GLOBAL_BATCH * C
+say()
+say(f"Finding: the article says SyncBN \"gathers activations from all GPUs\"; it gathers statistics: "
+    f"per step this BN layer's ranks exchange {stats_numbers} numbers ({stats_numbers * 8} bytes), "
+    f"per-channel moments for the forward and sums for the backward, whatever the batch size, while gathering "
+    f"the layer's activations would move {activation_numbers} numbers ({activation_numbers * 8} bytes) "
+    f"for this global batch of {GLOBAL_BATCH}, growing with it.")
+
+# %% [markdown]
+# ## 6. How much the small per-rank batch costs
+#
+# The figure `s5_small_batch_statistics` measures the error of per-rank and synchronized batch
+# statistics for 8 ranks and per-rank batches of 2 to 64 samples.
+
+# %%
+if RANK == 0:
+    from minibn.figures import s5_sync_batchnorm as s5
+    small = s5.small_batch_data()
+    i2 = small["per_rank"].index(2)
+    print(f"Finding: with {small['ranks']} ranks of 2 samples each, the per-rank mean is off by "
+          f"{small['local_mean_rms'][i2]:.3f} population std (RMS) and SyncBN's by "
+          f"{small['sync_mean_rms'][i2]:.3f}; the per-rank biased variance is "
+          f"{-small['local_var_bias'][i2]:.1%} too small on average, SyncBN's "
+          f"{-small['sync_var_bias'][i2]:.1%}.")
+    show_figure("s5_small_batch_statistics", s5.small_batch_figure()[0], small)

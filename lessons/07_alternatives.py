@@ -36,6 +36,7 @@ import numpy as np
 
 import minibn as mb
 from minibn.figures import s6_alternatives as s6
+from minibn.figures import show as show_figure
 
 EPS = 1e-5
 x = np.array([[[2., 4., 6.], [8., 1., 3.], [5., 9., 0.], [2., 2., 4.]],
@@ -214,15 +215,20 @@ bn_ok_from = next(b for i, b in enumerate(bsz)
                          for j in range(i, len(bsz))))
 print(f"bn_within_0.03_of_gn_ln_from_batch = {bn_ok_from}")
 print()
-print(f"What this shows: at batch sizes 2 and 4 BN reaches test accuracy "
+from_bn_ok = [i for i, b in enumerate(bsz) if b >= bn_ok_from]
+spread_from = (max(ta[k][i] for k in ta for i in from_bn_ok) - min(ta[k][i] for k in ta for i in from_bn_ok))
+print(f"spread_of_test_acc_from_batch_{bn_ok_from} = {spread_from:.4f}")
+print()
+print(f"Finding: at batch sizes {', '.join(str(bsz[i]) for i in small)} BN reaches test accuracy "
       f"{fmt([ta['BatchNorm'][i] for i in small], 3)} against GN's "
       f"{fmt([ta['GroupNorm(4)'][i] for i in small], 3)} and LN's "
-      f"{fmt([ta['LayerNorm'][i] for i in small], 3)}.  At batch 2 BN's training loss stays at "
-      f"{acc['train_loss']['BatchNorm'][0]:.3f} (chance is ln 4 = 1.386): with two samples per "
-      f"batch each normalized feature is about +-1, only which of the two samples is larger "
-      f"survives.  From batch 32 on the three are within "
-      f"{max(ta[k][i] for k in ta for i in large) - min(ta[k][i] for k in ta for i in large):.3f} "
-      f"of each other, which one seed cannot tell apart.  The article's 'different performance "
-      f"characteristics', measured here: LN and GN lose nothing at small batches and need no "
-      f"synchronization; BN needs batches of {bn_ok_from} or more (or SyncBN's larger global batch) "
-      f"to stay within 0.03 of them.")
+      f"{fmt([ta['LayerNorm'][i] for i in small], 3)}.")
+print(f"Finding: at batch {bsz[0]} BN's training loss stays at {acc['train_loss']['BatchNorm'][0]:.3f} "
+      f"(chance is ln 4 = {np.log(4):.3f}): with {bsz[0]} samples per batch each normalized feature is "
+      f"about +-1, and little more than which sample is larger survives.")
+print(f"Finding: from batch {bn_ok_from} on BN stays within 0.03 of GN and LN, and the three are "
+      f"within {spread_from:.3f} of each other, which one seed cannot tell apart: LN and GN lose "
+      f"nothing at small batches and need no synchronization; BN needs batches of {bn_ok_from} or "
+      f"more (or SyncBN's larger global batch).")
+show_figure("s6_batch_size_dependence", s6.plot_batch_size_dependence({"output": dep, "accuracy": acc}),
+            {"output": dep, "accuracy": acc})

@@ -38,7 +38,8 @@ def find_lesson(number: int) -> str:
 
 def run_lesson(path: str, index: int = 1, total: int = 1) -> int:
     """Run one lesson exactly as ``python lessons/NN_topic.py`` from the repository root
-    (in an installed minibn, from the current directory; the lessons write no files).
+    (in an installed minibn, from the current directory).  A lesson writes its figures to
+    ``lesson-figures/`` there, or to ``$MINIBN_LESSON_FIGURES``, never to ``figures/``.
 
     Each lesson gets a fresh interpreter, so no state (backend, print options,
     random generators) leaks from one lesson into the next.  Returns its exit status.

@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LESSONS = os.path.join(REPO, "lessons")
@@ -38,10 +39,12 @@ def lesson_path(path_or_number) -> str:
 def run_lesson(path_or_number, *args, timeout: float = 300, env=None) -> str:
     """Run a lesson as ``python lessons/NN_topic.py *args`` from the repository root.
 
-    Returns its stdout; a non-zero exit raises ``AssertionError`` with stderr.
+    Returns its stdout; a non-zero exit raises ``AssertionError`` with stderr.  The lesson's
+    figures go to a temporary folder unless ``env`` names one (``MINIBN_LESSON_FIGURES``).
     """
     path = lesson_path(path_or_number)
     run_env = dict(os.environ, MPLBACKEND="Agg", PYTHONHASHSEED="0")
+    run_env.setdefault("MINIBN_LESSON_FIGURES", os.path.join(tempfile.gettempdir(), "minibn-lesson-figures"))
     run_env.update(env or {})
     proc = subprocess.run([sys.executable, path, *map(str, args)], cwd=REPO, env=run_env,
                           capture_output=True, text=True, timeout=timeout)

@@ -15,17 +15,25 @@ Reproducibility rules, enforced here once for every figure:
 A figure function takes no argument and returns ``(fig, data)``; register it
 with ``@figure("name")``.  Data functions (``*_data``) are kept separate from
 plotting so lessons and tests can call them directly.
+
+Every figure shares one look (:mod:`minibn.figures.style`, applied by
+:func:`pyplot`).  The lessons draw the same figures with :func:`show`: inline
+in a notebook, and into a folder of their own when run as scripts (never into
+the committed ``figures/``).
 """
 from __future__ import annotations
 
+import io
 import json
 import os
+import sys
 from collections import OrderedDict
 from typing import Callable, Dict, Iterable, List, Optional
 
 import numpy as np
 
-__all__ = ["FIGURES", "figure", "save_figure", "make_figures", "to_jsonable", "load_all", "pyplot"]
+__all__ = ["FIGURES", "figure", "save_figure", "make_figures", "to_jsonable", "load_all", "pyplot",
+           "LESSON_FIGURES_ENV", "lesson_figures_dir", "show"]
 
 FIGURES: "OrderedDict[str, Callable]" = OrderedDict()
 
@@ -45,7 +53,9 @@ def pyplot():
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from . import style
     plt.rcParams.update({"svg.hashsalt": "minibn", "figure.dpi": 100, "savefig.dpi": 100})
+    style.apply(plt)
     return plt
 
 
@@ -111,3 +121,48 @@ def make_figures(out_dir: str = "figures", names: Optional[Iterable[str]] = None
         written[name] = save_figure(fig, data, out_dir, name)
     return written
 
+
+
+# --------------------------------------------------------------------------- figures in the lessons
+
+LESSON_FIGURES_ENV = "MINIBN_LESSON_FIGURES"
+DEFAULT_LESSON_FIGURES = "lesson-figures"
+
+
+def lesson_figures_dir() -> str:
+    """Where a lesson run as a script writes its figures: ``$MINIBN_LESSON_FIGURES``, else
+    ``lesson-figures/`` in the current directory (never the committed ``figures/``)."""
+    return os.environ.get(LESSON_FIGURES_ENV) or DEFAULT_LESSON_FIGURES
+
+
+def _in_notebook() -> bool:
+    """True inside a Jupyter kernel (an IPython shell with a kernel attached)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def show(name: str, fig=None, data=None) -> Optional[str]:
+    """Draw figure ``name`` in a lesson, with the same code as the ``figures/`` pipeline.
+
+    ``fig`` and ``data`` are the figure and its numbers when the lesson has
+    already computed them; by default the registered figure function makes
+    both.  In a notebook the figure is shown inline (as a PNG under the cell);
+    in a script it is written, with its JSON, to :func:`lesson_figures_dir`.
+    Returns the PNG's path (``None`` in a notebook).
+    """
+    if fig is None:
+        load_all()
+        if name not in FIGURES:
+            raise KeyError(f"unknown figure {name!r}; known: {list(FIGURES)}")
+        fig, data = FIGURES[name]()
+    if _in_notebook():
+        from IPython.display import Image, display
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", metadata={"Software": None})
+        pyplot().close(fig)
+        display(Image(data=buffer.getvalue(), format="png"))
+        return None
+    png, _ = save_figure(fig, data, lesson_figures_dir(), name)
+    print(f"figure {name} written to {png}")
+    return png

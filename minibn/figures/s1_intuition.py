@@ -16,7 +16,9 @@ from functools import lru_cache
 
 import numpy as np
 
-from . import figure, pyplot
+from matplotlib.ticker import FormatStrFormatter, LogLocator, NullLocator
+
+from . import figure, pyplot, style
 from ..experiments import activation_stats, make_classification, mlp, train
 
 SETUP = dict(n_train=1024, n_test=2048, dim=16, classes=4, depth=8, width=64, batch_size=64,
@@ -130,77 +132,105 @@ def init_lr_sweep_data(gains=SWEEP_GAINS, lrs=SWEEP_LRS, epochs=SWEEP_EPOCHS):
 
 # --------------------------------------------------------------------------- figures
 
-_COLORS = {"plain, default init": "tab:red", "BN, default init": "tab:blue",
-           "plain, He init": "tab:orange", "BN, He init": "tab:green"}
+# configuration -> (method of the style, line style): BN blue, plain vermillion; solid He, dashed default
+_LOOKS = {"plain, default init": ("plain", "--"), "BN, default init": ("BN", "--"),
+          "plain, He init": ("plain", "-"), "BN, He init": ("BN", "-")}
+
+
+def _look(name, **kw):
+    method, line = _LOOKS[name]
+    return dict(style.look(method, line), **kw)
+
+
+def _epoch_ticks(ax, epochs):
+    """Whole-epoch ticks only (1, 5, 10, ...): an epoch has no fractions."""
+    last = max(epochs)
+    ax.set_xticks([1] + list(range(5, last + 1, 5)))
+    ax.set_xlim(0.5, last + 0.5)
 
 
 def plot_activation_stats(data):
     plt = pyplot()
     names = list(data["configs"])
-    fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names), 5.6), sharex=True, sharey="row")
-    cmap = plt.get_cmap("viridis")
+    fig, axes = plt.subplots(2, len(names), figsize=(11, 5.6), sharex=True, sharey="row")
+    shades = _epoch_shades(len(data["epochs"]))
     for j, name in enumerate(names):
         c = data["configs"][name]
         for i, e in enumerate(data["epochs"]):
-            col = cmap(i / max(len(data["epochs"]) - 1, 1))
             for r, key in enumerate(("mean", "std")):
                 if c[key][i] is not None:
-                    axes[r, j].plot(data["layers"], c[key][i], "o-", ms=3, color=col, label=f"epoch {e}")
-        axes[0, j].set_title(name, fontsize=10)
-        for r, key in enumerate(("mean", "std")):
-            axes[r, j].set_yscale("log")
-            axes[r, j].grid(alpha=0.3)
+                    axes[r, j].plot(data["layers"], c[key][i], "o-", ms=4, color=shades[i],
+                                    label=f"epoch {e}")
+        axes[0, j].set_title(name)
+        for r in range(2):
+            ax = axes[r, j]
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
+            ax.yaxis.set_minor_locator(NullLocator())
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
         axes[1, j].set_xlabel("hidden layer")
+        axes[1, j].set_xticks(data["layers"])
     axes[0, 0].set_ylabel("mean of ReLU output")
     axes[1, 0].set_ylabel("std of ReLU output")
-    axes[0, 0].legend(fontsize=8)
     fig.suptitle("Activations through training (probe batch of 512, training mode)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    style.legend_below(fig, axes[0, :1], ncol=len(data["epochs"]))
     return fig
+
+
+def _epoch_shades(n):
+    """``n`` colours from light to dark blue (all of them readable on white)."""
+    light, dark = np.array([0x56, 0xB4, 0xE9]) / 255, np.array([0x00, 0x1F, 0x4D]) / 255
+    return [tuple(light + (dark - light) * i / max(n - 1, 1)) for i in range(n)]
 
 
 def plot_training_curves(data):
     plt = pyplot()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.6))
     for name, c in data["configs"].items():
         ep = data["epochs"][:len(c["train_loss"])]
-        a1.plot(ep, c["train_loss"], "-", color=_COLORS.get(name), label=name)
-        a2.plot(ep, c["test_acc"], "-", color=_COLORS.get(name), label=f"{name} (test)")
-        a2.plot(ep, c["train_acc"], ":", color=_COLORS.get(name))
-    a1.axhline(math.log(data["setup"]["classes"]), color="gray", lw=0.8, ls="--")
+        a1.plot(ep, c["train_loss"], **_look(name, ms=3), label=name)
+        a2.plot(ep, c["test_acc"], **_look(name, ms=3), label=name)
+        a2.plot(ep, c["train_acc"], color=style.color(_LOOKS[name][0]), ls=":", lw=1.2)
+    chance_loss = math.log(data["setup"]["classes"])
+    a1.axhline(chance_loss, **style.REFERENCE, label=f"chance: ln {data['setup']['classes']}")
     a1.set(xlabel="epoch", ylabel="mean training loss", title="Training loss")
-    a2.set(xlabel="epoch", ylabel="accuracy", title="Accuracy: test (solid), train (dotted)")
+    a2.set(xlabel="epoch", ylabel="accuracy", title="Accuracy: test (with markers), train (dotted)")
     for a in (a1, a2):
-        a.grid(alpha=0.3)
-    a1.legend(fontsize=8)
-    fig.tight_layout()
+        _epoch_ticks(a, data["epochs"])
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    style.legend_below(fig, (a1,), ncol=5)
     return fig
 
 
 def plot_init_lr_sweep(data):
+    """Final training loss over the init gain and over the learning rate; a diverged run has no
+    loss: it is marked by an x on the top edge of its panel, and no line runs through it."""
     plt = pyplot()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    colors = {"plain": "tab:orange", "BN": "tab:green"}
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+    chance = math.log(4)
     for ax, key, xs, xlabel in ((a1, "gain_sweep", data["gains"], "init gain (weight std = gain/sqrt(fan_in))"),
                                 (a2, "lr_sweep", data["lrs"], "learning rate")):
-        top = math.log(4) * 1.15
         for label, c in data[key].items():
-            ys = [top if v is None else v for v in c["final_train_loss"]]
-            ax.plot(xs, ys, "o-", color=colors[label], label=label)
+            ys = [np.nan if v is None else v for v in c["final_train_loss"]]
+            ax.plot(xs, ys, **style.look(label), label=label)
             bad = [x for x, v in zip(xs, c["final_train_loss"]) if v is None]
             if bad:
-                ax.plot(bad, [top] * len(bad), "x", color="k", ms=9)
-        ax.axhline(math.log(4), color="gray", lw=0.8, ls="--")
+                ax.plot(bad, [1.0] * len(bad), "x", color=style.color(label), ms=10, mew=2,
+                        transform=ax.get_xaxis_transform(), clip_on=False, zorder=5,
+                        label=f"{label}: diverged (no loss)")
+        ax.axhline(chance, **style.REFERENCE, label="chance: ln 4")
         ax.set_xscale("log")
         ax.set_xticks(xs)
         ax.set_xticklabels([f"{x:.3g}" for x in xs])
         ax.minorticks_off()
-        ax.set(xlabel=xlabel, ylabel=f"training loss after {data['epochs']} epochs")
-        ax.grid(alpha=0.3)
+        ax.set_xlabel(xlabel)
+    a1.set_ylim(0, chance * 1.15)
+    a1.set_ylabel(f"training loss after {data['epochs']} epochs")
     a1.set_title(f"Init scale (lr = {data['lr_for_gain_sweep']})")
-    a2.set_title("Learning rate (He init); x = diverged")
-    a1.legend()
-    fig.tight_layout()
+    a2.set_title("Learning rate (He init)")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    style.legend_below(fig, (a1, a2), ncol=5)
     return fig
 
 

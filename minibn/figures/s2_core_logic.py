@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import figure, pyplot
+from . import figure, pyplot, style
 from .. import functional as F
 
 __all__ = ["example_activations_data", "example_activations"]
@@ -51,31 +51,32 @@ def example_activations():
     idx = np.arange(len(d["x"]))
     labels = [f"$x_{i + 1}$" for i in idx]
     panels = [
-        (d["x"], "#4c72b0", "before: $x$",
+        (d["x"], style.OKABE_ITO["blue"], "before: $x$",
          [(d["mean"], "-", f"$\\mu$ = {d['mean']:g}"),
           (d["mean"] - d["std"], ":", f"$\\mu \\pm \\sqrt{{\\sigma^2+\\epsilon}}$ ({d['std']:.3f})"),
           (d["mean"] + d["std"], ":", None)]),
-        (d["x_hat"], "#dd8452", "normalized: $\\hat{x} = (x-\\mu)/\\sqrt{\\sigma^2+\\epsilon}$",
+        (d["x_hat"], style.OKABE_ITO["orange"], "normalized: $\\hat{x} = (x-\\mu)/\\sqrt{\\sigma^2+\\epsilon}$",
          [(0.0, "-", "mean 0"), (-1.0, ":", "$\\pm 1$ (unit variance)"), (1.0, ":", None)]),
-        (d["y"], "#55a868", f"scaled and shifted: $y = {d['gamma']:g}\\,\\hat{{x}} + {d['beta']:g}$",
+        (d["y"], style.OKABE_ITO["bluish green"], f"scaled and shifted: $y = {d['gamma']:g}\\,\\hat{{x}} + {d['beta']:g}$",
          [(d["beta"], "-", f"$\\beta$ = {d['beta']:g}"),
           (d["beta"] - d["gamma"], ":", f"$\\beta \\pm \\gamma$"), (d["beta"] + d["gamma"], ":", None)]),
     ]
     for ax, (values, color, title, lines) in zip(axes, panels):
         bars = ax.bar(idx, values, color=color, width=0.6)
-        ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], padding=2, fontsize=9)
-        for level, style, label in lines:
-            ax.axhline(level, color="0.3", lw=1, ls=style, label=label)
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], padding=2)
+        for level, line_style, label in lines:
+            ax.axhline(level, color="0.3", lw=1, ls=line_style, label=label)
         ax.axhline(0.0, color="black", lw=0.6)
         ax.set_xticks(idx)
         ax.set_xticklabels(labels)
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title)
         lo, hi = min(0.0, float(np.min(values))), max(0.0, float(np.max(values)))
         pad = 0.18 * (hi - lo)
         ax.set_ylim(lo - pad, hi + pad)
-        ax.legend(fontsize=8, loc="upper left", frameon=False)
+        ax.legend(loc="upper left", frameon=False)
+        ax.grid(False)
     axes[0].set_ylabel("activation")
     fig.suptitle(f"Batch normalization of x = {list(EXAMPLE_X)} "
-                 f"($\\epsilon$ = {d['eps']:g}), computed with minibn", fontsize=11)
+                 f"($\\epsilon$ = {d['eps']:g}), computed with minibn")
     fig.tight_layout()
     return fig, d

@@ -24,7 +24,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from . import figure, pyplot
+from . import figure, pyplot, style
 
 __all__ = ["ARTICLE_SEED", "generate_data", "article_batches", "SimpleModel", "train_model",
            "static_vs_dynamic_data", "NONSTATIONARY_SCHEDULES", "scenario", "nonstationary_data",
@@ -123,23 +123,23 @@ def static_vs_dynamic_data(seed: int = ARTICLE_SEED):
 def fig_static_vs_dynamic():
     data = static_vs_dynamic_data()
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
     runs = data["runs"]
     steps = np.arange(data["num_batches"])
-    styles = (("static", "Static Momentum (0.9)", dict(color="C0")),
-              ("dynamic", "Dynamic Momentum (article: new batches)", dict(color="C1")),
-              ("dynamic_same_batches", "Dynamic Momentum, same batches as static",
-               dict(color="C2", ls="--", lw=1.2)))
-    for ax, key, title, ylabel, pop in ((axes[0], "mean", "Running Mean", "Mean Value", 0.0),
-                                        (axes[1], "var", "Running Variance", "Variance Value", 1.0)):
-        for run, label, style in styles:
-            ax.plot(steps, runs[run][key], label=label, **style)
-        ax.axhline(pop, color="0.6", lw=0.8, ls=":", label=f"population ({pop:g})")
+    styles = (("static", "static momentum 0.9", style.look("static")),
+              ("dynamic", "dynamic momentum (article: new batches)", style.look("dynamic")),
+              ("dynamic_same_batches", "dynamic momentum, same batches as static",
+               dict(style.look("dynamic, same batches", "--"), lw=1.4)))
+    for ax, key, title, ylabel, pop in ((axes[0], "mean", "Running mean", "running mean (mean over features)", 0.0),
+                                        (axes[1], "var", "Running variance", "running variance (mean over features)", 1.0)):
+        ax.axhline(pop, **style.REFERENCE, label="population (mean 0, variance 1)")
+        for run, label, look in styles:
+            ax.plot(steps, runs[run][key], label=label, **look)
         ax.set_title(title)
-        ax.set_xlabel("Epoch (batch)")
+        ax.set_xlabel("batch (the article's \"epoch\")")
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    style.legend_below(fig, axes[:1], ncol=2)
     return fig, data
 
 
@@ -263,35 +263,55 @@ def final_error_table(data) -> str:
     return "\n".join(lines)
 
 
+# schedule -> its method in the style (colour); the article's decay is drawn as a wide light band
+# under the others, since after step 40 it *is* constant 0.1 and a thin line would vanish under it
+_SCHEDULE_LOOKS = OrderedDict([
+    ("constant 0.9", "constant 0.9"), ("constant 0.1", "constant 0.1"), ("constant 0.01", "constant 0.01"),
+    ("linear 0.9->0.1 in 40 (article)", "linear (article)"), ("linear 0.9->0.01 in 100", "linear to 0.01"),
+    ("exponential 0.9*0.95^t, floor 0.01", "exponential"), ("cosine 0.9->0.01 in 100", "cosine"),
+    ("cumulative 1/(t+1)", "cumulative"),
+])
+_ARTICLE_SCHEDULE = "linear 0.9->0.1 in 40 (article)"
+
+
+def _schedule_look(name):
+    look = dict(color=style.color(_SCHEDULE_LOOKS[name]), lw=1.3,
+                ls="--" if name.startswith("constant") else "-", zorder=3)
+    if name == _ARTICLE_SCHEDULE:
+        look.update(lw=5, alpha=0.45, solid_capstyle="butt", zorder=2)
+    return look
+
+
+def _schedule_label(name):
+    if name == _ARTICLE_SCHEDULE:
+        return name + " = constant 0.1 from step 40"
+    return name
+
+
 @figure("s4_nonstationary")
 def fig_nonstationary():
     data = nonstationary_data()
     plt = pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    fig, axes = plt.subplots(2, 3, figsize=(14, 8.6))
     names = list(data["momentum"])
-    colors = {n: f"C{i}" for i, n in enumerate(names)}
-    styles = {n: ("--" if n.startswith("constant") else "-") for n in names}
-    # dashed constants on top: after step 40 the article's decay *is* constant 0.1, so they overlap
-    zorders = {n: (3 if n.startswith("constant") else 2) for n in names}
     steps = np.arange(STEPS)
 
     ax = axes[0, 0]
     for n in names:
-        ax.plot(steps, data["momentum"][n], color=colors[n], ls=styles[n], lw=1.3, label=n, zorder=zorders[n])
+        ax.plot(steps, data["momentum"][n], label=_schedule_label(n), **_schedule_look(n))
     ax.set_yscale("log")
     ax.set_title("Momentum schedules")
     ax.set_xlabel("step (batch)")
     ax.set_ylabel("momentum (weight of the new batch)")
-    ax.legend(fontsize=7)
 
     ax = axes[1, 0]
     for scen, ls in (("jump", "-"), ("drift", ":")):
         res = data["scenarios"][scen]
-        ax.plot(steps, res["true_mean"], color="k", ls=ls, label=f"{scen}: mean")
-        ax.plot(steps, res["true_var"], color="C3", ls=ls, label=f"{scen}: variance")
-    ax.set_title("The data: true mean and variance per step")
+        ax.plot(steps, res["true_mean"], color=style.OKABE_ITO["black"], ls=ls, label=f"{scen}: mean")
+        ax.plot(steps, res["true_var"], color=style.OKABE_ITO["vermillion"], ls=ls, label=f"{scen}: variance")
+    ax.set_title("The data: true mean and variance")
     ax.set_xlabel("step (batch)")
-    ax.legend(fontsize=8)
+    ax.legend(loc="upper left")
 
     for row, scen in enumerate(("jump", "drift")):
         res = data["scenarios"][scen]
@@ -299,15 +319,15 @@ def fig_nonstationary():
                                (2, "var_rel_err", "|running var / true var - 1|")):
             ax = axes[row, col]
             for n in names:
-                ax.plot(steps, res["schedules"][n][key], color=colors[n], ls=styles[n], lw=1.2, label=n,
-                        zorder=zorders[n])
+                ax.plot(steps, res["schedules"][n][key], **_schedule_look(n))
             if scen == "jump":
-                ax.axvline(SHIFT_AT, color="0.5", lw=0.8, ls=":")
+                ax.axvline(SHIFT_AT, **style.REFERENCE)
             ax.set_yscale("log")
             ax.set_title(f"{scen}: {what}")
             ax.set_xlabel("step (batch)")
     fig.suptitle(f"Running statistics under a changing distribution "
                  f"(mean over {data['settings']['features']} features x "
                  f"{data['settings']['repeats']} runs)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    style.legend_below(fig, axes[0, :1], ncol=4, fontsize=10)
     return fig, data

@@ -28,7 +28,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from . import figure, pyplot
+from . import figure, pyplot, style
 
 __all__ = ["PER_RANK", "RANKS", "CHANNELS", "TRIALS", "population", "draw_global_batch",
            "split_statistics", "small_batch_data"]
@@ -115,38 +115,55 @@ def small_batch_data(per_rank=PER_RANK, ranks: int = RANKS, channels: int = CHAN
     return out
 
 
+def _theory(ax, b, values, label):
+    """A reference curve, drawn over the data so that it stays visible where they agree."""
+    ax.loglog(b, values, color=style.OKABE_ITO["black"], ls=":", lw=1.4, zorder=4, label=label)
+
+
 @figure("s5_small_batch_statistics")
 def small_batch_figure():
     d = small_batch_data()
     plt = pyplot()
     b = np.asarray(d["per_rank"])
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    local, sync = style.look("per-rank BN"), style.look("SyncBN")
+    local_label, sync_label = "per-rank BN", f"SyncBN ({d['ranks']} ranks)"
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.8))
     ax = axes[0]
-    ax.loglog(b, d["local_mean_rms"], "o-", color="C3", label="per-rank BN")
-    ax.loglog(b, d["sync_mean_rms"], "s-", color="C0", label=f"SyncBN ({d['ranks']} ranks)")
-    ax.loglog(b, d["theory_mean_rms_local"], ":", color="C3", label=r"$1/\sqrt{b}$")
-    ax.loglog(b, d["theory_mean_rms_sync"], ":", color="C0", label=r"$1/\sqrt{8b}$")
-    ax.set_title("mean: RMS error vs population (in std)")
+    ax.loglog(b, d["local_mean_rms"], **local, label=local_label)
+    ax.loglog(b, d["sync_mean_rms"], **sync, label=sync_label)
+    _theory(ax, b, d["theory_mean_rms_local"], r"theory: $1/\sqrt{b}$ and $1/\sqrt{8b}$")
+    _theory(ax, b, d["theory_mean_rms_sync"], None)
+    ax.set_title("mean vs population")
+    ax.set_ylabel("RMS error of the mean (in population std)")
     ax = axes[1]
-    ax.loglog(b, d["local_var_rms"], "o-", color="C3", label="per-rank BN")
-    ax.loglog(b, d["sync_var_rms"], "s-", color="C0", label="SyncBN")
-    ax.loglog(b, np.abs(d["local_var_bias"]), "o--", color="C3", alpha=0.6, label="per-rank |bias|")
-    ax.loglog(b, np.abs(d["sync_var_bias"]), "s--", color="C0", alpha=0.6, label="SyncBN |bias|")
-    ax.set_title("variance: relative RMS error and bias vs population")
+    ax.loglog(b, d["local_var_rms"], **local, label=local_label)
+    ax.loglog(b, d["sync_var_rms"], **sync, label=sync_label)
+    ax.loglog(b, np.abs(d["local_var_bias"]), **style.look("per-rank BN", "--"), mfc="white",
+              label="|bias|, per-rank BN")
+    ax.loglog(b, np.abs(d["sync_var_bias"]), **style.look("SyncBN", "--"), mfc="white",
+              label="|bias|, SyncBN")
+    _theory(ax, b, d["theory_var_rms_local"], "theory")
+    _theory(ax, b, d["theory_var_rms_sync"], None)
+    _theory(ax, b, np.abs(d["theory_var_bias_local"]), None)
+    _theory(ax, b, np.abs(d["theory_var_bias_sync"]), None)
+    ax.set_title("variance vs population")
+    ax.set_ylabel("relative RMS error and |bias| of the variance")
     ax = axes[2]
     floor = 1e-17
-    ax.loglog(b, d["local_mean_vs_batch"], "o-", color="C3", label="per-rank BN, mean")
-    ax.loglog(b, d["local_var_vs_batch"], "o--", color="C3", label="per-rank BN, var")
-    ax.loglog(b, np.maximum(d["sync_mean_vs_batch"], floor), "s-", color="C0", label="SyncBN, mean")
-    ax.loglog(b, np.maximum(d["sync_var_vs_batch"], floor), "s--", color="C0", label="SyncBN, var")
+    ax.loglog(b, d["local_mean_vs_batch"], **local, label=local_label)
+    ax.loglog(b, d["local_var_vs_batch"], **style.look("per-rank BN", "--"), mfc="white")
+    ax.loglog(b, np.maximum(d["sync_mean_vs_batch"], floor), **sync, label=sync_label)
+    ax.loglog(b, np.maximum(d["sync_var_vs_batch"], floor), **style.look("SyncBN", "--"), mfc="white")
+    ax.axhline(np.finfo(np.float64).eps, **style.REFERENCE, label="float64 epsilon")
     ax.set_title("vs the global batch's own statistics")
+    ax.set_ylabel("RMS error: mean (solid), variance (dashed)")
     for ax in axes:
         ax.set_xlabel("samples per rank b")
         ax.set_xticks(b)
         ax.set_xticks([], minor=True)
         ax.set_xticklabels([str(v) for v in b])
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(loc="best")
     fig.suptitle(f"Batch statistics with {d['ranks']} ranks, {d['channels']} channels, "
                  f"{d['trials']} trials per batch size")
     fig.tight_layout()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import figure, pyplot
+from . import figure, pyplot, style
 from ..experiments import make_classification, mlp, train
 from ..nn import BatchNorm1d, BatchNorm2d, GroupNorm, InstanceNorm2d, LayerNorm
 
@@ -130,28 +130,40 @@ def batch_size_dependence_data():
             "accuracy": accuracy_vs_batch_data(TRAIN_BATCH_SIZES)}
 
 
+# every name a panel uses -> the method of the style (one colour and marker per method)
+_METHOD = {"BatchNorm2d": "BN", "BatchNorm": "BN", "LayerNorm": "LayerNorm", "GroupNorm(4)": "GroupNorm",
+           "InstanceNorm2d": "InstanceNorm"}
+# where several curves lie on top of each other, bigger hollow markers go under smaller ones
+_STACKED_MARKER = {"LayerNorm": dict(ms=11, mfc="none", mew=1.6), "GroupNorm(4)": dict(ms=8, mfc="none", mew=1.6),
+                   "InstanceNorm2d": dict(ms=4)}
+
+
 def plot_batch_size_dependence(data):
     plt = pyplot()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.6))
     o = data["output"]
-    styles = {"BatchNorm2d": "o-", "LayerNorm": "s--", "GroupNorm(4)": "^-.", "InstanceNorm2d": "v:"}
     for name, row in o["rms_mean"].items():
-        a1.plot(o["batch_sizes"], row, styles[name], label=name)
+        a1.plot(o["batch_sizes"], row, **style.look(_METHOD[name]), **_STACKED_MARKER.get(name, {}),
+                label=name)
+    zero = [n for n, row in o["rms_mean"].items() if max(row) == 0.0]
+    if zero:
+        a1.annotate(f"{', '.join(zero)}:\nexactly 0 at every batch size\n(markers drawn on top of each other)",
+                    xy=(o["batch_sizes"][len(o["batch_sizes"]) // 2], 0.0), xytext=(0.35, 0.3),
+                    textcoords="axes fraction", arrowprops=dict(arrowstyle="->", color="0.3"))
     a1.set_xscale("log", base=2)
     a1.set(xlabel="batch size B", ylabel="RMS(training output - inference output)",
-           title=f"One sample's output vs its batch (mean of {o['draws']} batches)")
-    a1.grid(alpha=0.3)
-    a1.legend()
+           title=f"One sample's output vs its batch ({o['draws']} batches)")
+    a1.legend(loc="upper right")
     a = data["accuracy"]
-    for (name, row), st in zip(a["test_acc"].items(), ("o-", "^-.", "s--")):
-        a2.plot(a["batch_sizes"], [np.nan if v is None else v for v in row], st, label=name)
+    for name, row in a["test_acc"].items():
+        a2.plot(a["batch_sizes"], [np.nan if v is None else v for v in row], **style.look(_METHOD[name]),
+                label=name)
     a2.set_xscale("log", base=2)
     a2.set(xlabel="batch size (learning rate proportional to it)", ylabel="test accuracy",
            title=f"Small MLP, {a['setup']['epochs']} epochs")
     a2.text(0.3, 0.3, "BatchNorm at batch 1: ValueError\n(one value per channel)",
-            transform=a2.transAxes, fontsize=8)
-    a2.grid(alpha=0.3)
-    a2.legend()
+            transform=a2.transAxes)
+    a2.legend(loc="lower right")
     fig.tight_layout()
     return fig
 

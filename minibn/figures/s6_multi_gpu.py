@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from . import figure, pyplot
+from . import figure, pyplot, style
 
 __all__ = ["naive_variance_data"]
 
@@ -57,16 +57,15 @@ def naive_variance_data(spreads=tuple(np.linspace(0.0, 3.0, 13)), ranks: int = 3
 def naive_variance_figure():
     d = naive_variance_data()
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(6.5, 4.4))
     s = np.asarray(d["spreads"])
-    ax.plot(s, d["merged_ratio"], "s-", color="C0", label="article's formula (with $(\\mu_g-\\mu)^2$)")
-    ax.plot(s, d["naive_ratio"], "o-", color="C3", label="naive: weighted average of local variances")
-    ax.plot(s, d["theory_naive_ratio"], ":", color="k", label=r"$1/(1 + 2d^2/3)$")
+    ax.plot(s, d["merged_ratio"], **style.look("merged"), label="article's formula (with $(\\mu_g-\\mu)^2$)")
+    ax.plot(s, d["naive_ratio"], **style.look("naive"), label="naive: weighted average of local variances")
+    ax.plot(s, d["theory_naive_ratio"], color=style.OKABE_ITO["black"], ls=":", lw=1.4, zorder=4, label=r"$1/(1 + 2d^2/3)$")
     ax.set_xlabel("spread of the per-rank means d (in within-rank std)")
     ax.set_ylabel("estimated / true variance of all 96 samples")
     ax.set_ylim(0, 1.1)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(loc="lower left")
     ax.set_title(f"{d['ranks']} ranks x {d['per_rank']} samples: merging variances")
     fig.tight_layout()
     return fig, d
