@@ -1,8 +1,8 @@
 # minibn: every target sets up its own virtual environment (.venv) first.
 #   make article   the main job: every lesson, then every figure
-#   make test      the test suite, single-process and under mpiexec -n 2, 3, 4; then again on
-#                  the optional numba kernels; then the wheel, installed into a fresh virtual
-#                  environment (needs PyPI), run from a temporary folder
+#   make test      the test suite, single-process (the fast tests, then the slow ones) and under
+#                  mpiexec -n 2, 3, 4; then again on the optional numba kernels; then the wheel,
+#                  installed into a fresh virtual environment (needs PyPI), run from a temporary folder
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.minibn-installed
 PIP    := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 MPI_RANKS ?= 2 3 4
 
-.PHONY: all setup article figures lessons notebooks test test-fast test-mpi test-numba test-install bench oracle info clean
+.PHONY: all setup article figures lessons notebooks test test-fast test-slow test-mpi test-numba test-install bench oracle info clean
 
 all: article
 
@@ -34,10 +34,15 @@ lessons: $(STAMP)
 notebooks: $(STAMP)
 	$(PY) -m minibn notebooks --force notebooks
 
-test: test-fast test-mpi test-numba test-install
+test: test-fast test-slow test-mpi test-numba test-install
 
+# the single-process tests in two parts: test-fast (under a minute) leaves out the tests marked slow,
+# test-slow runs only those
 test-fast: $(STAMP)
-	$(PY) -m pytest -q tests --ignore=tests/mpi
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests --ignore=tests/mpi
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m slow tests --ignore=tests/mpi --ignore=tests/test_install.py
 
 test-mpi: $(STAMP)
 	@for n in $(MPI_RANKS); do \
@@ -45,7 +50,7 @@ test-mpi: $(STAMP)
 	  $(MPIEXEC) -n $$n $(PY) -m mpi4py -m pytest -q -p no:cacheprovider tests/mpi || exit 1; \
 	done
 
-# the same tests on the optional compiled kernels (kernels_numba.py)
+# the same tests on the optional numba engine (minibn/engines/numba_loops.py)
 test-numba: $(STAMP)
 	MINIBN_KERNELS=numba $(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/mpi
 	MINIBN_KERNELS=numba $(MPIEXEC) -n 2 $(PY) -m mpi4py -m pytest -q -p no:cacheprovider tests/mpi

@@ -28,7 +28,7 @@
 # Only BatchNorm's groups cross samples.  That is the whole story of this lesson: the other three
 # give every sample the same output whatever else is in its batch, so they need no
 # synchronization across GPUs, and they work with a batch of one.  minibn computes all three as
-# batch norm on a reshaped view (`minibn/functional.py`): put each group in a row, and batch
+# batch norm on a reshaped view (`minibn/sample_norms.py`): put each group in a row, and batch
 # norm's per-channel code does the rest, forward and backward.
 
 # %%

@@ -111,11 +111,6 @@ def cmd_info(args):
     print("\n".join(info_lines()))
 
 
-def cmd_bench(args):
-    from .bench import main as bench_main
-    return bench_main(args.rest)
-
-
 def cmd_assignment(args):
     from .grading import write_assignment
     write_assignment(args.out)
@@ -154,9 +149,7 @@ def build_parser():
     nb.set_defaults(func=cmd_notebooks)
     i = sub.add_parser("info", help="versions, backend, GPU, MPI")
     i.set_defaults(func=cmd_info)
-    b = sub.add_parser("bench", help="the benchmark tables")
-    b.add_argument("rest", nargs=argparse.REMAINDER)
-    b.set_defaults(func=cmd_bench)
+    sub.add_parser("bench", help="the benchmark tables (options: python -m minibn bench --help)")
     s = sub.add_parser("assignment", help="write a student copy with solution regions removed")
     s.add_argument("out")
     s.set_defaults(func=cmd_assignment)

@@ -2,10 +2,10 @@
 
 Every number in the tables is measured in this run, on this machine:
 
-* **minibn** (the fast kernels of ``kernels.py``, through the ``BatchNorm*d``
-  layers), **minibn (numba)** (the optional compiled kernels of
-  ``kernels_numba.py``, when numba is installed), the **reference** path (the readable ``functional.py``, same
-  layers), a **textbook** NumPy implementation kept below, and **PyTorch**
+* **minibn** (the ``numpy`` engine, through the ``BatchNorm*d`` layers),
+  **minibn (numba)** (the optional ``numba`` engine, when numba is installed),
+  the **reference** engine (the readable ``functional.py``, same layers), a
+  **textbook** NumPy implementation kept below (private: timed, not used), and **PyTorch**
   (CPU, ``torch.nn.BatchNorm*d`` + autograd, default thread count) when it is
   installed.  Forward and backward are timed separately inside each step;
   each implementation runs its steps in a row after a warm-up, the round is
@@ -21,8 +21,8 @@ Every number in the tables is measured in this run, on this machine:
   so they are counted too.  Two outputs (``y`` and ``dx``) are the minimum.
 * **SyncBatchNorm**: one training step (forward + backward) under
   ``mpiexec -n P`` for P = 1, 2, 4, and the bytes each rank hands to MPI.
-* **GPU** (only with CuPy and a GPU): minibn's fused CuPy kernels, the
-  generic path on CuPy, PyTorch CUDA, as a fraction of the device's copy
+* **GPU** (only with CuPy and a GPU): minibn's ``cupy`` engine (fused kernels),
+  the reference engine on CuPy, PyTorch CUDA, as a fraction of the device's copy
   bandwidth.
 
 Speed is reported, never asserted: the tests check numbers, not times.
@@ -30,6 +30,7 @@ Speed is reported, never asserted: the tests check numbers, not times.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import glob
@@ -46,7 +47,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import kernels
+from .engines import (engine_available, get_engine, no_output_recycling, num_threads, release_buffers,
+                      set_num_threads, using_engine)
 from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 DEFAULT_SHAPES = [(4096, 256), (256, 1024), (64, 64, 32, 32), (32, 128, 28, 28)]
@@ -58,7 +60,7 @@ FORWARD_PASSES, BACKWARD_PASSES = 3, 5        # |x|-sized reads/writes of a two-
 
 # =========================================================================== the textbook version
 
-def textbook_forward(x, gamma, beta, eps=1e-5):
+def _textbook_forward(x, gamma, beta, eps=1e-5):
     """Batch norm as first written: one NumPy expression per formula line."""
     axes = (0,) + tuple(range(2, x.ndim))
     shape = (1, -1) + (1,) * (x.ndim - 2)
@@ -69,7 +71,7 @@ def textbook_forward(x, gamma, beta, eps=1e-5):
     return y, (x_hat, var)
 
 
-def textbook_backward(dy, cache, gamma, eps=1e-5):
+def _textbook_backward(dy, cache, gamma, eps=1e-5):
     x_hat, var = cache
     axes = (0,) + tuple(range(2, dy.ndim))
     shape = (1, -1) + (1,) * (dy.ndim - 2)
@@ -195,16 +197,11 @@ def _data(shape, dtype, seed=0):
 NUMBA_ROW = "minibn (numba)"
 
 
-def numba_available() -> bool:
-    from . import kernels_numba
-    return kernels_numba.available()
-
-
 def _numba_version() -> str:
-    if not numba_available():
+    if not engine_available("numba"):
         return "not installed (pip install minibn[jit])"
     import numba
-    return f"{numba.__version__}, {min(kernels.num_threads(), numba.config.NUMBA_NUM_THREADS)} thread(s)"
+    return f"{numba.__version__}, {min(num_threads(), numba.config.NUMBA_NUM_THREADS)} thread(s)"
 
 
 def cpu_implementations(shape, dtype, torch=None):
@@ -212,27 +209,27 @@ def cpu_implementations(shape, dtype, torch=None):
     x, dy, gamma, beta = _data(shape, dtype)
     impls = {}
 
-    def layer(kind):
+    def layer(engine):
         bn = _layer_class(len(shape))(shape[1], dtype=dtype)
         bn.weight.data[...] = gamma
         bn.bias.data[...] = beta
 
         def fwd():
-            with kernels.selected_kernels(kind):
+            with using_engine(engine):
                 return bn(x)
 
         def bwd(_):
             bn.zero_grad()
-            with kernels.selected_kernels(kind):
+            with using_engine(engine):
                 return bn.backward(dy)
         return fwd, bwd
 
     impls["minibn"] = layer("numpy")
-    if numba_available():
+    if engine_available("numba"):
         impls[NUMBA_ROW] = layer("numba")
     impls["reference"] = layer("reference")
-    impls["textbook"] = (lambda: textbook_forward(x, gamma, beta),
-                         lambda s: textbook_backward(dy, s[1], gamma))
+    impls["textbook"] = (lambda: _textbook_forward(x, gamma, beta),
+                         lambda s: _textbook_backward(dy, s[1], gamma))
     if torch is not None:
         tdt = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[np.dtype(dtype)]
         mod = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
@@ -285,44 +282,38 @@ def time_blocks(impls, repeats, warmup, cycles=2):
     return best
 
 
-def peak_memory(fwd, bwd, fresh=None) -> int:
+def peak_memory(fwd, bwd, fresh_memory=False) -> int:
     """Peak bytes NumPy allocates during one forward + backward, outputs included.
 
-    ``fresh`` is called first: for minibn it drops the kernels' reusable work
-    buffers and turns output recycling off, so that everything the step needs
-    is allocated -- and counted -- during the measurement.
+    With ``fresh_memory`` (minibn) the engines' reusable work buffers are
+    dropped first and output recycling is off, so that everything the step
+    needs is allocated -- and counted -- during the measurement.
     """
     fwd_state = fwd()                 # plans and thread pools exist before the measurement
     bwd(fwd_state)
     del fwd_state
-    saved = kernels.RECYCLE_MIN_BYTES
-    if fresh is not None:
-        fresh()
+    if fresh_memory:
+        release_buffers()
     gc.collect()
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        state = fwd()
-        out = bwd(state)
-        peak = tracemalloc.get_traced_memory()[1] - base
-        del state, out
-    finally:
-        tracemalloc.stop()
-        kernels.RECYCLE_MIN_BYTES = saved
+    with no_output_recycling() if fresh_memory else contextlib.nullcontext():
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            state = fwd()
+            out = bwd(state)
+            peak = tracemalloc.get_traced_memory()[1] - base
+            del state, out
+        finally:
+            tracemalloc.stop()
     return peak
-
-
-def _fresh_kernel_memory():
-    kernels.release_buffers()
-    kernels.RECYCLE_MIN_BYTES = 1 << 62
 
 
 # =========================================================================== the CPU table
 
 def bench_cpu(shapes, dtypes, repeats, warmup, use_torch=True, log=print):
     torch = _torch() if use_torch else None
-    threads = kernels.num_threads()
+    threads = num_threads()
     rows = []
     for dtype in dtypes:
         for shape in shapes:
@@ -331,7 +322,7 @@ def bench_cpu(shapes, dtypes, repeats, warmup, use_torch=True, log=print):
             nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
             copy_bw = copy_bandwidth(nbytes, threads)
             for name, (fwd, bwd) in impls.items():
-                mem = (peak_memory(fwd, bwd, _fresh_kernel_memory if name.startswith("minibn") else None)
+                mem = (peak_memory(fwd, bwd, fresh_memory=name.startswith("minibn"))
                        if name != "PyTorch" else None)
                 rows.append(dict(dtype=np.dtype(dtype).name, shape=list(shape), impl=name,
                                  fwd=t[name][0], bwd=t[name][1], fb=t[name][2], nbytes=nbytes,
@@ -430,7 +421,7 @@ def syncbn_worker(shape, dtype, repeats, warmup):
         print("SYNCBN_RESULT " + json.dumps(dict(
             ranks=size, shape=list(shape), local_batch=hi - lo, dtype=np.dtype(dtype).name,
             step=float(np.median(steps)), bytes_per_rank=int(np.median(comm_bytes)),
-            calls=int(np.median(calls)), threads=kernels.num_threads(),
+            calls=int(np.median(calls)), threads=num_threads(),
             timeout=bn.comm.timeout)), flush=True)
 
 
@@ -489,32 +480,42 @@ def format_syncbn_table(rows):
 
 # =========================================================================== GPU
 
+def device_copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 10) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s (read + write counted)."""
+    import cupy
+    a = cupy.ones(nbytes // 4, dtype=np.float32)
+    b = cupy.empty_like(a)
+    cupy.copyto(b, a)
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    times = []
+    for _ in range(repeats):
+        start.record()
+        cupy.copyto(b, a)
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3)
+    return 2 * a.nbytes / float(np.median(times))
+
+
 def bench_gpu(shapes, dtypes, repeats, warmup, log=print):
     """Rows for the GPU table, or ``([], reason)`` without CuPy/GPU."""
-    from . import kernels_cupy
-    if not kernels_cupy.available():
+    if not engine_available("cupy"):
         return [], "no CuPy or no GPU: GPU rows not measured"
     import cupy
     torch = _torch()
     use_torch_cuda = torch is not None and torch.cuda.is_available()
-    device_bw = kernels_cupy.copy_bandwidth()
+    device_bw = device_copy_bandwidth()
+    fused, reference = get_engine("cupy"), get_engine("reference")
     rows = []
     for dtype in dtypes:
         for shape in shapes:
             x, dy, gamma, beta = (cupy.asarray(a) for a in _data(shape, dtype))
             impls = {
-                "minibn (fused CuPy)": (lambda: kernels.batch_norm_forward(x, gamma, beta)[1],
-                                        lambda c: kernels.batch_norm_backward(dy, c)),
+                "minibn (fused CuPy)": (lambda: fused.forward_train(x, gamma, beta)[1],
+                                        lambda c: fused.backward(dy, c)),
+                "reference (generic CuPy)": (lambda: reference.forward_train(x, gamma, beta)[1],
+                                             lambda c: reference.backward(dy, c)),
             }
-
-            def ref_fwd():
-                with kernels.reference_kernels():
-                    return kernels.batch_norm_forward(x, gamma, beta)[1]
-
-            def ref_bwd(c):
-                with kernels.reference_kernels():
-                    return kernels.batch_norm_backward(dy, c)
-            impls["reference (generic CuPy)"] = (ref_fwd, ref_bwd)
             if use_torch_cuda:
                 tdt = torch.float32 if np.dtype(dtype) == np.float32 else torch.float64
                 mod = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
@@ -595,7 +596,7 @@ def build_parser():
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads is not None:
-        kernels.set_num_threads(args.threads)
+        set_num_threads(args.threads)
     quick = args.quick
     repeats = args.repeats if args.repeats is not None else (5 if quick else 15)
     warmup = args.warmup if args.warmup is not None else (2 if quick else 3)
@@ -614,12 +615,12 @@ def main(argv=None) -> int:
     torch = None if args.no_torch else _torch()
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     results = {"machine": {}, "cpu": [], "syncbn": [], "gpu": []}
-    dram_bw = copy_bandwidth(1 << 26, kernels.num_threads())
+    dram_bw = copy_bandwidth(1 << 26, num_threads())
     m = results["machine"] = dict(
         python=platform.python_version(), numpy=np.__version__, cpus=cpus, machine=platform.machine(),
         processor=platform.processor() or "", blas=blas_info(), blas_env=blas_env(),
-        minibn_threads=kernels.num_threads(), copy_bw_64MiB=dram_bw,
-        thread_speedup=thread_speedup(kernels.num_threads()),
+        minibn_threads=num_threads(), copy_bw_64MiB=dram_bw,
+        thread_speedup=thread_speedup(num_threads()),
         torch=(f"{torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}"
                if torch is not None else "not installed"),
         numba=_numba_version(), repeats=repeats, warmup=warmup)

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Optional
 
 import numpy as np
 
 from .moments import plain_array
 
 __all__ = [
-    "check_eps", "check_floating", "check_channel_vector", "check_param_shape",
-    "check_state_array", "single_value_error",
+    "check_eps", "check_momentum", "check_positive_int", "check_dtype_arg", "check_floating",
+    "check_channel_vector", "check_param_shape", "check_state_array", "single_value_error",
+    "FAST_DTYPES",
 ]
+
+FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))   # the dtypes the fast engines compute in
 
 
 def check_eps(eps) -> float:
@@ -34,6 +38,44 @@ def check_eps(eps) -> float:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     return value
+
+
+def check_momentum(momentum, allow_none: bool = True, what: str = "momentum") -> Optional[float]:
+    """``momentum`` as a Python float, after checking PyTorch's rule: a real number in ``[0, 1]``.
+
+    The momentum is the weight of the *new* batch in the running statistics'
+    average, ``running <- (1 - momentum) running + momentum batch``: 0 freezes
+    them, 1 keeps only the last batch.  ``None`` is the cumulative average over
+    ``num_batches_tracked`` batches; it is accepted where the caller keeps that
+    counter (``allow_none``: BatchNorm*d, SyncBatchNorm) and refused elsewhere
+    (the functional API, InstanceNorm, which does not count batches, and the
+    momentum schedules, which compute a number).
+    """
+    if momentum is None and allow_none:
+        return None
+    if isinstance(momentum, (bool, np.bool_)) or not isinstance(momentum, numbers.Real) \
+            or not 0.0 <= float(momentum) <= 1.0:
+        or_none = " or None" if allow_none else ""
+        why_not_none = ("; None, the cumulative average over num_batches_tracked, is a setting of "
+                        "BatchNorm*d and SyncBatchNorm only" if momentum is None else "")
+        raise ValueError(f"{what} must be a number in [0, 1]{or_none}, got {momentum!r} (the weight "
+                         f"of the new batch){why_not_none}")
+    return float(momentum)
+
+
+def check_positive_int(value, what: str) -> int:
+    """``value`` as a Python int, after checking that it is an integer >= 1 (``bool`` is not)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_dtype_arg(dtype) -> np.dtype:
+    """A layer's ``dtype`` argument as a NumPy dtype: float32 for ``None``, else a floating dtype."""
+    dtype = np.dtype(np.float32 if dtype is None else dtype)
+    if not np.issubdtype(dtype, np.floating):
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    return dtype
 
 
 def check_floating(x, what: str = "input"):

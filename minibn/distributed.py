@@ -83,17 +83,15 @@ raise together; running statistics are updated with the global statistics
 """
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 
 from .backend import asnumpy, get_array_module
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 from .comm import (HEADER_MARK, INSTALL_HINT, RECORD_WIDTH, Communicator, Ledger, cuda_aware,
                    host_staging_forced, library_cuda_support, merge_moment_records)
-from . import functional as F
 from .checks import single_value_error
+from .module import Module, Parameter
 from .moments import channel_moments, merge_moments, reduce_axes
-from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, Module, Parameter, _BatchNorm
 
 __all__ = [
     "SyncBatchNorm", "convert_sync_batchnorm", "allreduce_gradients", "merge_moments",
@@ -183,25 +181,17 @@ class SyncBatchNorm(_BatchNorm):
     _rank_words = "at least 2-dimensional (N, C, *)"
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, affine: bool = True,
-                 track_running_stats: bool = True, comm=None, dtype=None, *, bias: bool = True):
+                 track_running_stats: bool = True, comm=None, dtype=None, *, bias: bool = True,
+                 engine=None):
         communicator = Communicator.wrap(comm)      # fails first, and clearly, without mpi4py
         super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype=dtype,
-                         bias=bias)
+                         bias=bias, engine=engine)
         self.comm = communicator
         self.last_moments = None     # (N, mean, var) of the last synchronized batch, host float64
         self._agreed_on = None       # the Communicator whose ranks agreed on this layer's messages
 
     def extra_repr(self):
         return super().extra_repr() + f", ranks={self.comm.size}"
-
-    # -- forward / backward: BatchNorm's, with an empty local batch allowed -------
-    def forward(self, x):
-        with _readable_path_if_empty(x):
-            return super().forward(x)
-
-    def backward(self, dy):
-        with _readable_path_if_empty(dy):
-            return super().backward(dy)
 
     # -- once per layer: do the ranks agree on what crosses? ----------------------
     def _message_signature(self):
@@ -275,20 +265,6 @@ def _rank_list(ranks):
     return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(ranges)
 
 
-def _readable_path_if_empty(a):
-    """A rank whose local batch is empty still normalizes (an empty array) with the global
-    statistics and joins the backward's reduction.  The tiled fast kernels are built for
-    non-empty inputs, so such a rank takes ``functional.py``'s readable path, which handles
-    ``N = 0``; every other input runs exactly as in BatchNorm."""
-    if getattr(a, "size", 1) == 0:
-        try:
-            from .kernels import reference_kernels
-        except ImportError:
-            return contextlib.nullcontext()
-        return reference_kernels()
-    return contextlib.nullcontext()
-
-
 # =========================================================================== conversion
 
 _CONVERTIBLE = (BatchNorm1d, BatchNorm2d, BatchNorm3d)
@@ -298,8 +274,8 @@ def convert_sync_batchnorm(module: Module, comm=None) -> Module:
     """Replace every BatchNorm1d/2d/3d in ``module`` (recursively) by a SyncBatchNorm.
 
     The new layers share the old ones' Parameter objects and buffer arrays,
-    and keep ``eps``, ``momentum``, ``affine``, ``bias``, ``track_running_stats``
-    and the train/eval mode.  All converted layers share one
+    and keep ``eps``, ``momentum``, ``affine``, ``bias``, ``track_running_stats``,
+    ``engine`` and the train/eval mode.  All converted layers share one
     :class:`~minibn.comm.Communicator` (one ledger).  Returns the module, or
     the new layer if ``module`` itself is a BatchNorm.
     """
@@ -316,7 +292,8 @@ def _convert(module, communicator):
         has_bias = module._parameters.get("bias") is not None
         sync = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                              module.track_running_stats, comm=communicator,
-                             dtype=arrays[0].dtype if arrays else None, bias=has_bias)
+                             dtype=arrays[0].dtype if arrays else None, bias=has_bias,
+                             engine=module.engine)
         if module.affine:
             sync.weight = module.weight
             if has_bias:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import platform
 
+from .engines import default_engine_name, num_threads
+
 
 def _version(mod_name):
     """The installed version, read from the package metadata (fast: nothing is imported)."""
@@ -72,14 +74,13 @@ def info_lines():
              f"matplotlib   {_version('matplotlib')}",
              f"tqdm         {_version('tqdm')}",
              f"cupy         {_version('cupy')}",
-             f"numba        {_version('numba')} (optional compiled CPU kernels)",
+             f"numba        {_version('numba')} (optional numba engine)",
              f"torch        {_version('torch')} (optional oracle)"]
     try:
         lines.append(f"backend      {backend_name()} (MINIBN_BACKEND / minibn.set_backend)")
     except RuntimeError as exc:     # MINIBN_BACKEND=cupy on a machine without a usable GPU
         lines.append(f"backend      unusable: {exc}")
-    from .kernels import kernels_in_use, num_threads
-    lines.append(f"CPU kernels  {kernels_in_use()}, {num_threads()} thread(s) "
+    lines.append(f"CPU engine   {default_engine_name()}, {num_threads()} thread(s) "
                  "(MINIBN_KERNELS = numpy | numba | reference; MINIBN_NUM_THREADS)")
     lines.append(f"GPU          {_gpu_line()}")
     lines.extend(_mpi_lines())

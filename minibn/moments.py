@@ -23,7 +23,7 @@ import numpy as np
 
 from .backend import get_array_module
 
-__all__ = ["reduce_axes", "channel_moments", "merge_moments", "unbiased", "plain_array"]
+__all__ = ["reduce_axes", "channel_moments", "merge_moments", "unbiased", "plain_array", "elementwise_dtype"]
 
 
 def plain_array(x, what: str = "input"):
@@ -61,8 +61,12 @@ def reduce_axes(ndim: int, channel_axis: int = 1):
     return tuple(a for a in range(ndim) if a != channel_axis)
 
 
-def _work_dtype(dtype):
-    """The dtype deviations are formed in: the input's, but at least float32."""
+def elementwise_dtype(dtype):
+    """The dtype element-wise work is done in: the input's, but at least float32.
+
+    float16 data is computed in float32 (its range and precision are too small
+    for deviations and products); float32 and float64 in their own dtype.
+    """
     return np.promote_types(dtype, np.float32)
 
 
@@ -75,8 +79,8 @@ def channel_moments(x, axes, keepdims: bool = False):
     mean and var are zeros (an empty part contributes nothing to a merge).
     """
     x = plain_array(x)
-    count, mean, var = _moments_in(x, axes, keepdims, _work_dtype(x.dtype))
-    if count and _work_dtype(x.dtype) != np.float64 and not _all_finite(mean, var) and _all_finite(x):
+    count, mean, var = _moments_in(x, axes, keepdims, elementwise_dtype(x.dtype))
+    if count and elementwise_dtype(x.dtype) != np.float64 and not _all_finite(mean, var) and _all_finite(x):
         # finite values whose squares overflow the work dtype (float32 beyond ~1e19):
         # the statistics fit in float64, so the deviations are formed there
         count, mean, var = _moments_in(x, axes, keepdims, np.dtype(np.float64))

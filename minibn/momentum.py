@@ -30,7 +30,7 @@ computed and assigned just before the forward of batch ``epoch``;
 
 Which layers?  Given a model, a schedule drives every batch-norm layer in it:
 every module found by ``model.modules()`` that is an instance of
-``minibn.nn._BatchNorm`` (BatchNorm1d/2d/3d, SyncBatchNorm, and any subclass).
+``minibn.batchnorm._BatchNorm`` (BatchNorm1d/2d/3d, SyncBatchNorm, and any subclass).
 Given one layer, it drives that layer.  A model without batch-norm layers is a
 ``ValueError``.
 """
@@ -39,6 +39,10 @@ from __future__ import annotations
 import math
 import numbers
 from typing import Dict, List
+
+from .batchnorm import _BatchNorm
+from .checks import check_momentum, check_positive_int
+from .module import Module
 
 __all__ = ["MomentumSchedule", "Constant", "LinearDecay", "ExponentialDecay", "Cosine",
            "Cumulative", "batchnorm_layers"]
@@ -52,7 +56,6 @@ def batchnorm_layers(model) -> List[object]:
     ``model`` is a minibn ``Module`` (a layer or a whole model) or a list of
     them.  Each layer appears once, in ``modules()`` order.
     """
-    from .nn import Module, _BatchNorm
     roots = [model] if isinstance(model, Module) else None
     if roots is None:
         try:
@@ -80,18 +83,13 @@ def batchnorm_layers(model) -> List[object]:
 # --------------------------------------------------------------------------- argument checks
 
 def _check_momentum(value, name: str) -> float:
-    """A momentum (the weight of the new batch) must lie in (0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-            or not 0.0 < float(value) <= 1.0:
-        raise ValueError(f"{name} must be a momentum in (0, 1] (the weight of the new batch, "
-                         f"PyTorch's convention), got {value!r}")
-    return float(value)
+    """A schedule's momentum: PyTorch's rule, a number in [0, 1] (``checks.check_momentum``);
+    ``None`` is refused: a schedule computes numbers (``Cumulative`` is the running average)."""
+    return check_momentum(value, allow_none=False, what=name)
 
 
 def _check_steps(value, name: str = "total_steps") -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) <= 0:
-        raise ValueError(f"{name} must be a positive integer (a number of batches), got {value!r}")
-    return int(value)
+    return check_positive_int(value, f"{name} (a number of batches)")
 
 
 def _check_rate(value, name: str = "decay_rate") -> float:

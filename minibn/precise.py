@@ -27,13 +27,14 @@ from __future__ import annotations
 from typing import Callable, Iterable, Optional
 
 from .backend import get_array_module
+from .module import Module
 from .moments import merge_moments, unbiased
+from .momentum import batchnorm_layers
 
 __all__ = ["precise_bn"]
 
 
 def _tracked_layers(model):
-    from .momentum import batchnorm_layers
     layers = [m for m in batchnorm_layers(model) if m.track_running_stats]
     if not layers:
         raise ValueError("precise_bn: no batch-norm layer with running statistics "
@@ -69,7 +70,6 @@ def precise_bn(model, batches: Iterable, forward: Optional[Callable] = None, pro
     values per channel), every running statistic is restored to its value
     before the call and the error is raised.
     """
-    from .nn import Module
     if not isinstance(model, Module):
         raise TypeError(f"precise_bn: model must be a minibn Module, got {type(model).__name__}")
     if forward is not None and not callable(forward):
@@ -99,7 +99,7 @@ def precise_bn(model, batches: Iterable, forward: Optional[Callable] = None, pro
     ok = False
     try:
         for layer in layers:
-            object.__setattr__(layer, "_batch_statistics", recorder(layer, layer._batch_statistics))
+            layer._batch_statistics = recorder(layer, layer._batch_statistics)
         model.train()
         it = batches
         if progress:
@@ -135,12 +135,12 @@ def precise_bn(model, batches: Iterable, forward: Optional[Callable] = None, pro
         for layer, momentum, rm, rv, nbt, patched in saved_state:
             layer.__dict__.pop("_batch_statistics", None)
             if patched is not None:
-                object.__setattr__(layer, "_batch_statistics", patched)
+                layer._batch_statistics = patched
             layer.momentum = momentum
             if not ok:
                 layer.running_mean[...] = rm
                 layer.running_var[...] = rv
                 layer.num_batches_tracked[...] = nbt
         for m, mode in saved_modes:
-            object.__setattr__(m, "training", mode)
+            m.training = mode
 

@@ -8,7 +8,7 @@
   consecutive batches of ``batch_size``, a last partial batch dropped).  Nothing of minibn's
   math is used, so agreement checks minibn's layers, loss, backward and optimizer at once.
 * :func:`reference_rms`: the section 6.3 output-dependence table with every normalization
-  written out in NumPy.
+  computed by the float64 reference (``minibn.grading.reference``).
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import copy
 import math
 
 import numpy as np
+
+from minibn.grading import reference as R
 
 try:
     import torch
@@ -130,19 +132,18 @@ def _torch_train(tmodel, data, epochs, batch_size, lr, momentum, seed, evaluate_
 def reference_rms(batch_sizes, draws, seed=0):
     """RMS(training output - inference output) of one fixed sample, averaged over ``draws``
     batches of each size: the same random samples as ``s6_alternatives.output_dependence_data``
-    (drawn with its generator), every normalization written out here."""
+    (drawn with its generator), every normalization by the float64 reference."""
     from minibn.figures import s6_alternatives as s6
     rng = np.random.default_rng([seed, 61])
     x0 = s6.draw_samples(1, rng, seed)[0]
     mu, s = s6.population(seed)
-    pop = (x0 - mu[:, None, None]) / np.sqrt(s[:, None, None] ** 2 + EPS)
+    pop = R.bn_forward(x0[None], eps=EPS, stats=(0, mu, s ** 2))["y"][0]
 
     def grouped(b, G):          # G groups per sample (G = 1: layer norm, G = C: instance norm)
-        f = b.reshape(b.shape[0], G, -1)
-        return ((f - f.mean(2, keepdims=True)) / np.sqrt(f.var(2, keepdims=True) + EPS)).reshape(b.shape)
+        return R.gn_forward(b, G, eps=EPS)["y"]
 
     def bn(b):
-        return (b - b.mean((0, 2, 3), keepdims=True)) / np.sqrt(b.var((0, 2, 3), keepdims=True) + EPS)
+        return R.bn_forward(b, eps=EPS)["y"]
 
     C = x0.shape[0]
     norms = {"BatchNorm2d": (bn, pop),

@@ -65,6 +65,7 @@ def test_unknown_figure_is_exit_2_and_lists_the_figures(tmp_path):
     assert not os.listdir(tmp_path)                          # nothing rendered before the check
 
 
+@pytest.mark.slow
 def test_lesson_4_runs_like_the_script():
     proc = cli("lesson", 4)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -75,6 +76,7 @@ def test_lesson_4_runs_like_the_script():
         assert expected in lines
 
 
+@pytest.mark.slow
 def test_figures_writes_png_and_json(tmp_path):
     proc = cli("figures", "--quiet", "--out", tmp_path, "s4_static_vs_dynamic")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -106,6 +108,7 @@ def test_article_runs_lessons_then_figures(tmp_path, monkeypatch, capfd):
     assert sorted(os.listdir(tmp_path)) == sorted(f"{n}{e}" for n in subset for e in (".png", ".json"))
 
 
+@pytest.mark.slow
 def test_article_reports_a_failing_lesson_and_goes_on(tmp_path, monkeypatch, capfd):
     from minibn import __main__ as main_mod
     from minibn import figures as pipeline

@@ -282,6 +282,7 @@ def test_eps_zero_no_longer_turns_a_constant_channel_into_nan():
 
 def _functional_calls(eps):
     from minibn import functional as F
+    from minibn import sample_norms as SN
     rng = np.random.default_rng(2)
     x2, x3 = rng.normal(size=(4, 3)), rng.normal(size=(4, 3, 5))
     mean, var = np.zeros(3), np.ones(3)
@@ -291,14 +292,14 @@ def _functional_calls(eps):
         "batch_norm_with_cache": lambda: F.batch_norm_with_cache(x2, None, None, training=True, eps=eps),
         "batch_norm_forward": lambda: F.batch_norm_forward(x2, eps=eps),
         "batch_norm_eval_forward": lambda: F.batch_norm_eval_forward(x2, mean, var, eps=eps),
-        "layer_norm": lambda: F.layer_norm(x2, 3, eps=eps),
-        "layer_norm_forward": lambda: F.layer_norm_forward(x2, 3, eps=eps),
-        "group_norm": lambda: F.group_norm(x3, 1, eps=eps),
-        "group_norm_forward": lambda: F.group_norm_forward(x3, 3, eps=eps),
-        "instance_norm": lambda: F.instance_norm(x3, eps=eps),
-        "instance_norm eval": lambda: F.instance_norm(x3, mean, var, use_input_stats=False, eps=eps),
-        "instance_norm_forward": lambda: F.instance_norm_forward(x3, eps=eps),
-        "instance_norm_with_cache": lambda: F.instance_norm_with_cache(x3, eps=eps),
+        "layer_norm": lambda: SN.layer_norm(x2, 3, eps=eps),
+        "layer_norm_forward": lambda: SN.layer_norm_forward(x2, 3, eps=eps),
+        "group_norm": lambda: SN.group_norm(x3, 1, eps=eps),
+        "group_norm_forward": lambda: SN.group_norm_forward(x3, 3, eps=eps),
+        "instance_norm": lambda: SN.instance_norm(x3, eps=eps),
+        "instance_norm eval": lambda: SN.instance_norm(x3, mean, var, use_input_stats=False, eps=eps),
+        "instance_norm_forward": lambda: SN.instance_norm_forward(x3, eps=eps),
+        "instance_norm_with_cache": lambda: SN.instance_norm_with_cache(x3, eps=eps),
     }
 
 
@@ -318,6 +319,7 @@ def test_eps_rule_in_the_functional_api(call):
 
 def test_one_value_per_group_or_row_is_refused_like_one_value_per_channel():
     from minibn import functional as F
+    from minibn import sample_norms as SN
     rng = np.random.default_rng(3)
     one_per_group = r"Expected more than 1 value per group, got input of shape \(4, 3\) \(num_groups=3"
     for layer in (mb.GroupNorm(3, 3), mb.GroupNorm(3, 3, affine=False)):
@@ -325,14 +327,14 @@ def test_one_value_per_group_or_row_is_refused_like_one_value_per_channel():
             with pytest.raises(ValueError, match=one_per_group):
                 layer.train(training)(rng.normal(size=(4, 3)))
     with pytest.raises(ValueError, match=one_per_group):
-        F.group_norm(rng.normal(size=(4, 3)), 3)
+        SN.group_norm(rng.normal(size=(4, 3)), 3)
     with pytest.raises(ValueError, match=r"more than 1 value per group, got input of shape \(2, 6, 1\)"):
         mb.GroupNorm(6, 6)(rng.normal(size=(2, 6, 1)))
     one_per_row = r"Expected more than 1 value in normalized_shape, got input of shape \(4, 1\)"
     with pytest.raises(ValueError, match=one_per_row):
         mb.LayerNorm(1)(rng.normal(size=(4, 1)))
     with pytest.raises(ValueError, match=r"more than 1 value in normalized_shape.*\(1, 1\)"):
-        F.layer_norm(rng.normal(size=(4, 1, 1)), (1, 1))
+        SN.layer_norm(rng.normal(size=(4, 1, 1)), (1, 1))
     # two values per group or row are fine
     assert mb.GroupNorm(3, 6)(rng.normal(size=(4, 6))).shape == (4, 6)
     assert mb.LayerNorm(2)(rng.normal(size=(4, 2))).shape == (4, 2)
@@ -367,6 +369,7 @@ def test_backward_after_an_empty_batch_checks_dy_like_any_backward(make):
 
 def test_functional_wrong_size_vectors_name_the_argument_and_both_shapes():
     from minibn import functional as F
+    from minibn import sample_norms as SN
     rng = np.random.default_rng(4)
     x, x3 = rng.normal(size=(4, 3)), rng.normal(size=(4, 3, 2))
     mean, var = np.zeros(3), np.ones(3)
@@ -383,15 +386,15 @@ def test_functional_wrong_size_vectors_name_the_argument_and_both_shapes():
             F.batch_norm(x, mean, var, None, np.ones(4), training=training)
     for use_input_stats in (True, False):
         with pytest.raises(ValueError, match=r"running_mean must have shape \(3,\).*got shape \(2,\)"):
-            F.instance_norm(x3, np.zeros(2), var, use_input_stats=use_input_stats)
+            SN.instance_norm(x3, np.zeros(2), var, use_input_stats=use_input_stats)
         with pytest.raises(ValueError, match=r"running_var must have shape \(3,\).*got shape \(2,\)"):
-            F.instance_norm(x3, mean, np.ones(2), use_input_stats=use_input_stats)
+            SN.instance_norm(x3, mean, np.ones(2), use_input_stats=use_input_stats)
     with pytest.raises(ValueError, match=r"InstanceNorm: weight must have shape \(3,\), got \(2,\)"):
-        F.instance_norm(x3, weight=np.ones(2))
+        SN.instance_norm(x3, weight=np.ones(2))
     with pytest.raises(ValueError, match=r"LayerNorm: bias must have shape \(3,\), got \(2,\)"):
-        F.layer_norm(x, 3, None, np.ones(2))
+        SN.layer_norm(x, 3, None, np.ones(2))
     with pytest.raises(ValueError, match=r"GroupNorm: weight must have shape \(3,\), got \(2,\)"):
-        F.group_norm(x3, 1, np.ones(2))
+        SN.group_norm(x3, 1, np.ones(2))
     with pytest.raises(ValueError, match=r"running_mean must have shape \(3,\).*got shape \(2,\)"):
         F.update_running_stats(np.zeros(2), np.ones(3), mean, var, 4, 0.1)
 

@@ -51,6 +51,12 @@ def test_figures_are_registered():
         assert name in FIGURES
 
 
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_figure_is_deterministic(small, tmp_path, name):
     outputs = []
@@ -58,7 +64,7 @@ def test_figure_is_deterministic(small, tmp_path, name):
         s1._run.cache_clear()             # recompute, do not reuse the first run's numbers
         fig, data = FIGURES[name]()
         paths = save_figure(fig, data, str(tmp_path / str(i)), name)
-        outputs.append([open(p, "rb").read() for p in paths])
+        outputs.append([read_bytes(p) for p in paths])
     assert outputs[0][0] == outputs[1][0], "PNG differs between two runs"
     assert outputs[0][1] == outputs[1][1], "JSON differs between two runs"
     assert outputs[0][0][:8] == b"\x89PNG\r\n\x1a\n"
@@ -97,6 +103,7 @@ def test_activation_stats_at_init_by_hand():
         np.testing.assert_allclose(c["std"][0], stds, rtol=1e-9, err_msg=name)
 
 
+@pytest.mark.slow
 def test_training_curve_matches_pytorch():
     pytest.importorskip("torch")
     from experiment_reference import to_torch, torch_train

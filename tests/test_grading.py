@@ -251,8 +251,8 @@ PLANTS = {
     "biased_running_var": ("running_stats", [
         ("minibn/functional.py", "unbiased_var = var * (count / (count - 1))", "unbiased_var = var")]),
     "dgamma_wrong_axis": ("bn_backward", [
-        ("minibn/functional.py", "local_dweight = _sum(dy * cache.x_hat, axes)",
-         "local_dweight = _sum(dy * cache.x_hat, 0)")]),
+        ("minibn/functional.py", "local_dweight = sum_float64(dy * cache.x_hat, axes)",
+         "local_dweight = sum_float64(dy * cache.x_hat, 0)")]),
     "syncbn_local_count": ("syncbn", [
         ("minibn/distributed.py", "return total, xp.asarray(g_mean), xp.asarray(g_var)",
          "return count, xp.asarray(g_mean), xp.asarray(g_var)")]),
@@ -270,8 +270,8 @@ PLANTS = {
         ("minibn/moments.py", "var = (w * (variances + (means - mean) ** 2)).sum(axis=0)",
          "var = (w * variances).sum(axis=0)")]),
     "layernorm_dgamma_without_x_hat": ("ln_gn_backward", [
-        ("minibn/functional.py", "dweight = _sum(dy * cache.x_hat, cache.param_axes)",
-         "dweight = _sum(dy, cache.param_axes)")]),
+        ("minibn/sample_norms.py", "dweight = sum_float64(dy * cache.x_hat, cache.param_axes)",
+         "dweight = sum_float64(dy, cache.param_axes)")]),
     "syncbn_backward_not_reduced": ("syncbn", [
         ("minibn/distributed.py", "return total[:C], total[C:]", "return sum_dy, sum_dy_xhat")]),
 }

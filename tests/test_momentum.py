@@ -14,7 +14,7 @@ import pytest
 
 import minibn as mb
 from minibn import momentum as M
-from minibn.nn import _BatchNorm
+from minibn.batchnorm import _BatchNorm
 
 
 # --------------------------------------------------------------------------- independent formulas
@@ -222,18 +222,26 @@ def test_no_bn_layer_is_a_value_error():
 
 # --------------------------------------------------------------------------- invalid settings
 
-@pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.0001, 2, float("nan"), float("inf"), True, "0.1", None])
+@pytest.mark.parametrize("bad", [-0.1, 1.0001, 2, float("nan"), float("inf"), True, "0.1", None])
 def test_momentum_outside_0_1_is_a_value_error(bad):
     bn = mb.BatchNorm1d(2)
-    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
         M.Constant(bn, bad)
-    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
         M.LinearDecay(bn, bad, 0.1, 10)
-    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
         M.Cosine(bn, 0.9, bad, 10)
-    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
         M.ExponentialDecay(bn, bad, 0.9)
     assert bn.momentum == 0.1            # a failed construction leaves the layer alone
+
+
+@pytest.mark.parametrize("edge", [0, 0.0, 1, 1.0])
+def test_schedules_and_layers_take_the_same_momenta(edge):
+    """One rule, PyTorch's: a momentum in [0, 1] is valid for a layer and for a schedule alike."""
+    bn = mb.BatchNorm1d(2, momentum=edge)
+    assert M.Constant(bn, edge).momentum == float(edge) == bn.momentum
+    assert M.LinearDecay(bn, edge, edge, 10).momentum == float(edge)
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, 10.0, True, None, "40"])
@@ -252,7 +260,9 @@ def test_decay_rate_outside_0_1_is_a_value_error(bad):
 
 def test_floor_checks():
     with pytest.raises(ValueError, match="floor"):
-        M.ExponentialDecay(mb.BatchNorm1d(2), 0.5, 0.9, floor=0.0)
+        M.ExponentialDecay(mb.BatchNorm1d(2), 0.5, 0.9, floor=-0.1)
+    with pytest.raises(ValueError, match="floor"):
+        M.ExponentialDecay(mb.BatchNorm1d(2), 0.5, 0.9, floor=1.5)
     with pytest.raises(ValueError, match="must not exceed start"):
         M.ExponentialDecay(mb.BatchNorm1d(2), 0.5, 0.9, floor=0.6)
     M.ExponentialDecay(mb.BatchNorm1d(2), 0.5, 1.0, floor=0.5)          # the edge cases are valid

@@ -1,5 +1,6 @@
-"""LayerNorm, GroupNorm, InstanceNorm: forward against a float64 two-pass reference written
-here, backward against finite differences, running statistics, state, errors."""
+"""LayerNorm, GroupNorm, InstanceNorm: forward against the float64 two-pass reference
+(``minibn.grading.reference``), backward against finite differences, running statistics,
+state, errors."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,43 +8,19 @@ import pytest
 
 import minibn as mb
 from minibn import functional as F
+from minibn import sample_norms as SN
+from minibn.grading import reference as R
 from minibn.gradcheck import check_layer, numerical_gradient
 
 
-# --------------------------------------------------------------------------- independent references
-
-def _two_pass(xr, axis):
-    """mean and biased variance along ``axis`` (kept), float64, two passes."""
-    xr = np.asarray(xr, dtype=np.float64)
-    n = xr.shape[axis]
-    mu = xr.sum(axis=axis, keepdims=True) / n
-    var = ((xr - mu) ** 2).sum(axis=axis, keepdims=True) / n
-    return mu, var
-
+# --------------------------------------------------------------------------- the reference
 
 def ref_layer_norm(x, k, w=None, b=None, eps=1e-5):
-    lead = x.shape[:x.ndim - k]
-    xr = np.asarray(x, np.float64).reshape(lead + (-1,)) if lead else np.asarray(x, np.float64).reshape(1, -1)
-    mu, var = _two_pass(xr, -1)
-    y = ((xr - mu) / np.sqrt(var + eps)).reshape(x.shape)
-    if w is not None:
-        y = y * np.asarray(w, np.float64)
-    if b is not None:
-        y = y + np.asarray(b, np.float64)
-    return y
+    return R.ln_forward(x, k, w, b, eps)["y"]
 
 
 def ref_group_norm(x, G, w=None, b=None, eps=1e-5):
-    N, C = x.shape[:2]
-    xr = np.asarray(x, np.float64).reshape(N, G, -1)
-    mu, var = _two_pass(xr, -1)
-    y = ((xr - mu) / np.sqrt(var + eps)).reshape(x.shape)
-    cs = (1, C) + (1,) * (x.ndim - 2)
-    if w is not None:
-        y = y * np.asarray(w, np.float64).reshape(cs)
-    if b is not None:
-        y = y + np.asarray(b, np.float64).reshape(cs)
-    return y
+    return R.gn_forward(x, G, w, b, eps)["y"]
 
 
 def ref_instance_norm(x, w=None, b=None, eps=1e-5):
@@ -180,15 +157,15 @@ def test_functional_backward_against_finite_differences(rng):
     x = rng.standard_normal((3, 4, 5))
     w, b = rng.standard_normal(4), rng.standard_normal(4)
     dy = rng.standard_normal(x.shape)
-    y, cache = F.group_norm_forward(x, 2, w, b)
-    dx, dw, db = F.group_norm_backward(dy, cache)
-    loss = lambda: float((F.group_norm(x, 2, w, b) * dy).sum())  # noqa: E731
+    y, cache = SN.group_norm_forward(x, 2, w, b)
+    dx, dw, db = SN.group_norm_backward(dy, cache)
+    loss = lambda: float((SN.group_norm(x, 2, w, b) * dy).sum())  # noqa: E731
     for analytic, arr in ((dx, x), (dw, w), (db, b)):
         np.testing.assert_allclose(analytic, numerical_gradient(loss, arr), rtol=1e-6, atol=1e-8)
     lw, lb = rng.standard_normal((4, 5)), rng.standard_normal((4, 5))
-    y, cache = F.layer_norm_forward(x, (4, 5), lw, lb)
-    dx, dw, db = F.layer_norm_backward(dy, cache)
-    loss = lambda: float((F.layer_norm(x, (4, 5), lw, lb) * dy).sum())  # noqa: E731
+    y, cache = SN.layer_norm_forward(x, (4, 5), lw, lb)
+    dx, dw, db = SN.layer_norm_backward(dy, cache)
+    loss = lambda: float((SN.layer_norm(x, (4, 5), lw, lb) * dy).sum())  # noqa: E731
     for analytic, arr in ((dx, x), (dw, lw), (db, lb)):
         np.testing.assert_allclose(analytic, numerical_gradient(loss, arr), rtol=1e-6, atol=1e-8)
 
@@ -284,7 +261,7 @@ def test_one_element_groups_are_refused(rng):
     with pytest.raises(ValueError, match=r"more than 1 value in normalized_shape.*\(3, 1\)"):
         mb.LayerNorm(1)(rng.standard_normal((3, 1)))
     with pytest.raises(ValueError, match=r"more than 1 value per group"):
-        F.group_norm_forward(rng.standard_normal((0, 4, 1)), 4)      # even an empty batch
+        SN.group_norm_forward(rng.standard_normal((0, 4, 1)), 4)      # even an empty batch
 
 
 def test_group_norm_limits_equal_layer_and_instance_norm(rng):
@@ -299,7 +276,7 @@ def test_errors_are_clear(rng):
     with pytest.raises(ValueError, match="divisible by num_groups"):
         mb.GroupNorm(3, 8)
     with pytest.raises(ValueError, match="divisible by num_groups"):
-        F.group_norm(rng.standard_normal((2, 8)), 3)
+        SN.group_norm(rng.standard_normal((2, 8)), 3)
     with pytest.raises(ValueError, match=r"expected input of shape \(N, 8, \*\)"):
         mb.GroupNorm(2, 8)(rng.standard_normal((2, 6, 3)))
     with pytest.raises(ValueError, match=r"\(N, 4, \*\)"):
@@ -329,9 +306,9 @@ def test_errors_are_clear(rng):
     with pytest.raises(ValueError, match="momentum"):
         mb.InstanceNorm1d(3, momentum=None)
     with pytest.raises(ValueError, match="shape"):
-        F.layer_norm(rng.standard_normal((2, 4)), 4, np.ones(3))
+        SN.layer_norm(rng.standard_normal((2, 4)), 4, np.ones(3))
     with pytest.raises(ValueError, match="shape"):
-        F.group_norm(rng.standard_normal((2, 4)), 2, np.ones(2))
+        SN.group_norm(rng.standard_normal((2, 4)), 2, np.ones(2))
     with pytest.raises(RuntimeError, match="before forward"):
         mb.LayerNorm(4).backward(np.ones((2, 4)))
     ln = mb.LayerNorm(4)

@@ -1,5 +1,5 @@
-"""Silent wrong answers in the numerics, on every kernel choice and on both sides of the
-size where the NumPy kernels take over (``kernels.REFERENCE_BELOW`` elements):
+"""Silent wrong answers in the numerics, on every engine and on both sides of the size
+where the numpy engine stops handing inputs to the reference engine (16384 elements):
 
 1. the backward does not depend on edits of the caller's ``x`` made after the forward;
 2. ``dy`` of another float dtype than ``x`` gives the result of ``dy`` cast to ``x``'s dtype;
@@ -8,55 +8,41 @@ size where the NumPy kernels take over (``kernels.REFERENCE_BELOW`` elements):
 4. array subclasses: ``np.memmap`` works, masked arrays, ``np.matrix`` and other
    subclasses are a ``TypeError`` naming the type, at every size and entry point.
 
-References are float64 two-pass computations written here.
+References are the float64 two-pass computations of ``minibn.grading.reference``.
 """
 import numpy as np
 import pytest
 
 import minibn as mb
 from minibn import functional as F
-from minibn import kernels as K
+from minibn.grading import reference as R
+from minibn import sample_norms as SN
+from minibn.engines import engine_available, using_engine
 
-KERNELS = ["reference", "numpy", "numba"]
-# (N, C) below and above REFERENCE_BELOW elements, and a 4-D input (rows layout)
+ENGINES = ["reference", "numpy",
+           pytest.param("numba", marks=pytest.mark.skipif(not engine_available("numba"),
+                                                          reason="numba is not installed"))]
+# (N, C) below and above the numpy engine's hand-off size, and a 4-D input (rows layout)
 SHAPES = [(64, 8), (4096, 8), (8, 4, 32, 32)]
 EPS = 1e-5
 
 
-@pytest.fixture(params=KERNELS)
-def kernels(request):
-    if request.param == "numba":
-        pytest.importorskip("numba")
-    with K.selected_kernels(request.param):
-        yield request.param
+@pytest.fixture(params=ENGINES)
+def engine(request):
+    """The engine under test, also selected for the layers of the test."""
+    with using_engine(request.param) as engine:
+        yield engine
 
 
 def _shape_id(shape):
     return "x".join(map(str, shape))
 
 
-def _axes(ndim):
-    return (0,) + tuple(range(2, ndim))
-
-
-def _bshape(ndim):
-    return (1, -1) + (1,) * (ndim - 2)
-
-
 def reference_bn(x, dy, w, b, eps=EPS):
-    """Training-mode batch norm and its backward in float64, two-pass statistics."""
-    x, dy = x.astype(np.float64), dy.astype(np.float64)
-    axes, bs = _axes(x.ndim), _bshape(x.ndim)
-    m = x.size // x.shape[1]
-    mu = x.mean(axis=axes, keepdims=True)
-    var = ((x - mu) ** 2).mean(axis=axes, keepdims=True)
-    x_hat = (x - mu) / np.sqrt(var + eps)
-    y = w.astype(np.float64).reshape(bs) * x_hat + b.astype(np.float64).reshape(bs)
-    dbeta = dy.sum(axis=axes)
-    dgamma = (dy * x_hat).sum(axis=axes)
-    dx = (w.astype(np.float64).reshape(bs) / np.sqrt(var + eps)
-          * (dy - dbeta.reshape(bs) / m - x_hat * dgamma.reshape(bs) / m))
-    return y, dx, dgamma, dbeta
+    """Training-mode batch norm and its backward in float64: ``(y, dx, dgamma, dbeta)``."""
+    f = R.bn_forward(x, w, b, eps)
+    dx, dgamma, dbeta = R.bn_backward(dy, f["x_hat"], f["inv_std"], w, f["count"])
+    return f["y"], dx, dgamma, dbeta
 
 
 def _data(shape, dtype=np.float32, seed=0, loc=0.0, scale=1.0):
@@ -73,27 +59,27 @@ def _data(shape, dtype=np.float32, seed=0, loc=0.0, scale=1.0):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("frozen", [False, True], ids=["train", "eval"])
-def test_backward_ignores_edits_of_x_after_the_forward(kernels, shape, frozen):
+def test_backward_ignores_edits_of_x_after_the_forward(engine, shape, frozen):
     x, dy, w, b = _data(shape, loc=3.0)
     C = shape[1]
     mean, var = np.full(C, 2.5), np.full(C, 1.5)
 
     def forward(inp):
         if frozen:
-            return K.batch_norm_eval_forward(inp, mean, var, w, b, EPS)
-        return K.batch_norm_forward(inp, w, b, EPS)
+            return engine.forward_eval(inp, mean, var, w, b, EPS)
+        return engine.forward_train(inp, w, b, EPS)
 
     _, clean = forward(x.copy())
-    expected = K.batch_norm_backward(dy, clean)
+    expected = engine.backward(dy, clean)
     _, cache = forward(x)
     x[...] = 7.0                                    # the caller reuses its buffer
-    got = K.batch_norm_backward(dy, cache)
+    got = engine.backward(dy, cache)
     for g, e in zip(got, expected):
         np.testing.assert_array_equal(g, e)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
-def test_layer_backward_ignores_edits_of_x(kernels, shape):
+def test_layer_backward_ignores_edits_of_x(engine, shape):
     x, dy, _, _ = _data(shape, seed=3)
     layer = mb.BatchNorm1d if len(shape) == 2 else mb.BatchNorm2d
     clean, edited = layer(shape[1]), layer(shape[1])
@@ -147,17 +133,17 @@ def test_linear_backward_ignores_edits_of_x():
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("frozen", [False, True], ids=["train", "eval"])
-def test_dy_of_another_dtype_is_cast_to_the_input_dtype(kernels, shape, frozen):
+def test_dy_of_another_dtype_is_cast_to_the_input_dtype(engine, shape, frozen):
     """float32 x at 1e6 +- 0.1: float64 dy gives exactly the float32-dy result (dgamma was off
     by 3e-2 through a path without the mean-rounding correction)."""
     x, dy, w, b = _data(shape, loc=1e6, scale=0.1, seed=11)
     if frozen:
         C = shape[1]
-        _, cache = K.batch_norm_eval_forward(x, np.full(C, 1e6), np.full(C, 0.01), w, b, EPS)
+        _, cache = engine.forward_eval(x, np.full(C, 1e6), np.full(C, 0.01), w, b, EPS)
     else:
-        _, cache = K.batch_norm_forward(x, w, b, EPS)
-    expected = K.batch_norm_backward(dy, cache)
-    got = K.batch_norm_backward(dy.astype(np.float64), cache)
+        _, cache = engine.forward_train(x, w, b, EPS)
+    expected = engine.backward(dy, cache)
+    got = engine.backward(dy.astype(np.float64), cache)
     assert got[0].dtype == np.float32
     for g, e in zip(got, expected):
         np.testing.assert_array_equal(g, e)
@@ -167,7 +153,7 @@ def test_dy_of_another_dtype_is_cast_to_the_input_dtype(kernels, shape, frozen):
 
 
 @pytest.mark.parametrize("shape", [(64, 8), (4096, 8)], ids=_shape_id)
-def test_layer_backward_casts_dy(kernels, shape):
+def test_layer_backward_casts_dy(engine, shape):
     x, dy, _, _ = _data(shape, loc=1e6, scale=0.1, seed=12)
     a, c = mb.BatchNorm1d(shape[1]), mb.BatchNorm1d(shape[1])
     a(x)
@@ -181,19 +167,19 @@ def test_layer_backward_casts_dy(kernels, shape):
 
 def test_row_norm_backward_casts_dy():
     x, dy, _, _ = _data((6, 4, 8, 8), loc=1e6, scale=0.1, seed=13)
-    y, cache = F.group_norm_forward(x, 2)
-    got = F.group_norm_backward(dy.astype(np.float64), cache)
-    expected = F.group_norm_backward(dy, cache)
+    y, cache = SN.group_norm_forward(x, 2)
+    got = SN.group_norm_backward(dy.astype(np.float64), cache)
+    expected = SN.group_norm_backward(dy, cache)
     assert got[0].dtype == np.float32
     np.testing.assert_array_equal(got[0], expected[0])
 
 
-def test_dy_that_does_not_fit_the_input_dtype_is_an_error(kernels):
+def test_dy_that_does_not_fit_the_input_dtype_is_an_error(engine):
     x = np.random.default_rng(0).standard_normal((64, 4)).astype(np.float16)
-    _, cache = K.batch_norm_forward(x)
+    _, cache = engine.forward_train(x)
     dy = np.full(x.shape, 1e6)
     with pytest.raises(OverflowError, match=r"dy .*float16"):
-        K.batch_norm_backward(dy, cache)
+        engine.backward(dy, cache)
 
 
 def test_pytorch_casts_the_incoming_gradient_to_the_output_dtype():
@@ -230,11 +216,11 @@ def _extreme_data(shape, magnitude, seed, dtype=np.float32):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("magnitude", [1e20, 1e30, 1e37, 3.4028235e38], ids=["1e20", "1e30", "1e37", "max"])
-def test_float32_beyond_the_range_of_squares(kernels, shape, magnitude):
+def test_float32_beyond_the_range_of_squares(engine, shape, magnitude):
     x, dy, w, b = _extreme_data(shape, magnitude, seed=21)
     assert np.isfinite(x).all()
-    y, cache = K.batch_norm_forward(x, w, b, EPS)
-    dx, dw, db = K.batch_norm_backward(dy, cache)
+    y, cache = engine.forward_train(x, w, b, EPS)
+    dx, dw, db = engine.backward(dy, cache)
     y_ref, dx_ref, dw_ref, db_ref = reference_bn(x, dy, w, b)
     assert y.dtype == np.float32 and dx.dtype == np.float32
     assert np.max(np.abs(y - y_ref)) <= 1e-5 * np.abs(y_ref).max()
@@ -242,17 +228,15 @@ def test_float32_beyond_the_range_of_squares(kernels, shape, magnitude):
     assert np.max(np.abs(dw - dw_ref)) <= 1e-4 * np.abs(dw_ref).max()
     assert np.max(np.abs(db - db_ref)) <= 1e-4 * np.abs(db_ref).max()
     # the statistics themselves, exact in float64
-    count, mean, var = K.channel_moments(x)
-    x64 = x.astype(np.float64)
-    var_ref = ((x64 - x64.mean(axis=_axes(x.ndim), keepdims=True)) ** 2).mean(axis=_axes(x.ndim))
-    np.testing.assert_allclose(var, var_ref, rtol=1e-6)
+    count, mean, var = engine.statistics(x)
+    np.testing.assert_allclose(var, R.bn_stats(x)[2], rtol=1e-6)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
-def test_float16_over_its_whole_range(kernels, shape):
+def test_float16_over_its_whole_range(engine, shape):
     x, dy, w, b = _extreme_data(shape, 65504.0, seed=22, dtype=np.float16)
-    y, cache = K.batch_norm_forward(x, w, b, EPS)
-    dx, _, _ = K.batch_norm_backward(dy, cache)
+    y, cache = engine.forward_train(x, w, b, EPS)
+    dx, _, _ = engine.backward(dy, cache)
     y_ref, dx_ref, _, _ = reference_bn(x, dy, w, b)
     assert y.dtype == np.float16
     assert np.max(np.abs(y - y_ref)) <= 2e-3 * np.abs(y_ref).max()
@@ -260,19 +244,18 @@ def test_float16_over_its_whole_range(kernels, shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
-def test_eval_mode_with_huge_running_statistics(kernels, shape):
+def test_eval_mode_with_huge_running_statistics(engine, shape):
     """Given statistics whose scale is subnormal in float32: normalized in float64."""
     x, dy, w, b = _extreme_data(shape, 3.4028235e38, seed=23)
     C = shape[1]
     mean, var = np.zeros(C), np.full(C, 4e76)
-    y, cache = K.batch_norm_eval_forward(x, mean, var, w, b, EPS)
-    bs = _bshape(x.ndim)
-    y_ref = (x.astype(np.float64) / 2e38) * w.reshape(bs) + b.reshape(bs)
+    y, cache = engine.forward_eval(x, mean, var, w, b, EPS)
+    y_ref = R.bn_forward(x, w, b, EPS, stats=(0, mean, var))["y"]
     assert np.max(np.abs(y - y_ref)) <= 1e-5 * np.abs(y_ref).max()
 
 
 @pytest.mark.parametrize("shape", [(64, 8), (4096, 8)], ids=_shape_id)
-def test_layer_refuses_a_running_var_beyond_its_dtype_before_any_change(kernels, shape):
+def test_layer_refuses_a_running_var_beyond_its_dtype_before_any_change(engine, shape):
     x, _, _, _ = _extreme_data(shape, 1e20, seed=24)
     layer = mb.BatchNorm1d(shape[1])
     before = {k: v.copy() for k, v in layer.state_dict().items()}
@@ -304,29 +287,29 @@ class _Tagged(np.ndarray):
     """A subclass minibn knows nothing about."""
 
 
-def _entry_points(x, dy):
-    """Every way an array reaches the numerics: forward functions, layers, dy in backward."""
+def _entry_points(engine, x, dy):
+    """Every way an array reaches the numerics: engine methods, functions, layers, dy in backward."""
     C = x.shape[1]
-    _, cache = K.batch_norm_forward(np.asarray(x), None, None, EPS)
+    _, cache = engine.forward_train(np.asarray(x), None, None, EPS)
     layer = mb.BatchNorm1d(C)
     return {
-        "kernels.batch_norm_forward": lambda: K.batch_norm_forward(x),
-        "kernels.batch_norm_eval_forward": lambda: K.batch_norm_eval_forward(x, np.zeros(C), np.ones(C)),
-        "kernels.channel_moments": lambda: K.channel_moments(x),
+        "engine.forward_train": lambda: engine.forward_train(x),
+        "engine.forward_eval": lambda: engine.forward_eval(x, np.zeros(C), np.ones(C)),
+        "engine.statistics": lambda: engine.statistics(x),
         "functional.batch_norm": lambda: F.batch_norm(x, None, None, training=True),
-        "functional.layer_norm": lambda: F.layer_norm(x, (C,)),
+        "functional.layer_norm": lambda: SN.layer_norm(x, (C,)),
         "moments.channel_moments": lambda: mb.moments.channel_moments(x, (0,)),
         "BatchNorm1d": lambda: layer(x),
         "LayerNorm": lambda: mb.LayerNorm(C)(x),
-        "backward dy": lambda: K.batch_norm_backward(dy, cache),
-        "weight": lambda: K.batch_norm_forward(np.asarray(x), x[0], None),
+        "backward dy": lambda: engine.backward(dy, cache),
+        "weight": lambda: engine.forward_train(np.asarray(x), x[0], None),
     }
 
 
 @pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")      # np.matrix
 @pytest.mark.parametrize("shape", [(64, 8), (4096, 8)], ids=_shape_id)
 @pytest.mark.parametrize("kind", ["masked", "matrix", "other"])
-def test_array_subclasses_are_refused_at_every_entry_point(kernels, shape, kind):
+def test_array_subclasses_are_refused_at_every_entry_point(engine, shape, kind):
     rng = np.random.default_rng(31)
     plain = rng.standard_normal(shape)
     if kind == "masked":
@@ -335,23 +318,23 @@ def test_array_subclasses_are_refused_at_every_entry_point(kernels, shape, kind)
         x, words = np.asmatrix(plain), r"matrix.*np\.asarray"
     else:
         x, words = plain.view(_Tagged), r"_Tagged.*np\.asarray"
-    for name, call in _entry_points(x, x).items():
+    for name, call in _entry_points(engine, x, x).items():
         with pytest.raises(TypeError, match=words):
             call()
             pytest.fail(f"{name} accepted a {type(x).__name__}")
 
 
 @pytest.mark.parametrize("shape", [(64, 8), (4096, 8)], ids=_shape_id)
-def test_memmap_input_works_like_an_ndarray(kernels, shape, tmp_path):
+def test_memmap_input_works_like_an_ndarray(engine, shape, tmp_path):
     x, dy, w, b = _data(shape, seed=32)
     xm = np.memmap(tmp_path / "x.dat", dtype=x.dtype, mode="w+", shape=shape)
     xm[...] = x
     dym = np.memmap(tmp_path / "dy.dat", dtype=dy.dtype, mode="w+", shape=shape)
     dym[...] = dy
-    y, cache = K.batch_norm_forward(xm, w, b, EPS)
-    dx, dw, db = K.batch_norm_backward(dym, cache)
-    y2, cache2 = K.batch_norm_forward(x, w, b, EPS)
-    expected = (y2,) + K.batch_norm_backward(dy, cache2)
+    y, cache = engine.forward_train(xm, w, b, EPS)
+    dx, dw, db = engine.backward(dym, cache)
+    y2, cache2 = engine.forward_train(x, w, b, EPS)
+    expected = (y2,) + engine.backward(dy, cache2)
     for g, e in zip((y, dx, dw, db), expected):
         assert type(g) is np.ndarray
         np.testing.assert_array_equal(g, e)

@@ -77,6 +77,7 @@ def test_traces_match_an_independent_numpy_ema(article_data, batches):
         assert runs[key]["momentum"] == pytest.approx(momenta, abs=2e-16)
 
 
+@pytest.mark.slow
 def test_traces_match_pytorch_running_the_articles_code(article_data, batches):
     torch = pytest.importorskip("torch")
     nn = torch.nn

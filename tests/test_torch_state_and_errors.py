@@ -127,8 +127,8 @@ def _functional(name, *args, **kwargs):
         return getattr(TF, name)(*conv, **kw)
 
     def ours():
-        return getattr(mb.functional, name)(*[a.copy() if isinstance(a, np.ndarray) else a for a in args],
-                                            **kwargs)
+        module = mb.functional if name == "batch_norm" else mb.sample_norms    # LayerNorm/GroupNorm/InstanceNorm
+        return getattr(module, name)(*[a.copy() if isinstance(a, np.ndarray) else a for a in args], **kwargs)
     return theirs, ours
 
 

@@ -23,6 +23,7 @@ the committed ``figures/``).
 """
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -87,18 +88,14 @@ def save_figure(fig, data, out_dir: str, name: str) -> List[str]:
     return [png, js]
 
 
-SECTION_MODULES = ("s1_intuition", "s2_core_logic", "s3_running_statistics", "s4_dynamic_momentum",
+SECTION_MODULES = ("s1_intuition", "s2_core_logic", "s4_dynamic_momentum",
                    "s5_sync_batchnorm", "s6_multi_gpu", "s6_alternatives")
 
 
 def load_all():
     """Import every section module, so that ``FIGURES`` holds every figure."""
-    import importlib
-    import pkgutil
-    present = {m.name for m in pkgutil.iter_modules(__path__)}
     for name in SECTION_MODULES:
-        if name in present:
-            importlib.import_module(f"{__name__}.{name}")
+        importlib.import_module(f"{__name__}.{name}")
     return FIGURES
 
 

@@ -18,7 +18,8 @@ import numpy as np
 
 from . import figure, pyplot, style
 from ..experiments import make_classification, mlp, train
-from ..nn import BatchNorm1d, BatchNorm2d, GroupNorm, InstanceNorm2d, LayerNorm
+from ..batchnorm import BatchNorm1d, BatchNorm2d
+from ..sample_norm_layers import GroupNorm, InstanceNorm2d, LayerNorm
 
 SHAPE = (8, 4, 4)                    # (C, H, W) of one sample
 EPS = 1e-5

@@ -30,12 +30,12 @@ Decisions a course needs to know:
 * Each task is graded with every *other* task's functions replaced by the
   grader's reference (``conformance.install_references``): a mistake costs the
   marks of its own task only.
-* The optional fast kernels (``kernels.py``) hold a second arrangement of the
-  same math that the layers call by default.  The grader switches them off
-  (``MINIBN_KERNELS=reference`` and ``kernels.use_fast_kernels(False)``), and
-  the student copy switches them off at import, so the layers always run the
-  ``functional`` code the student writes.  The kernels stay in the copy as
-  they are (the layers import them).
+* The fast engines (``engines/``) hold a second arrangement of the same math
+  that the layers use by default.  The grader selects the reference engine,
+  which *is* ``functional.py`` (``MINIBN_KERNELS=reference``, checked in each
+  grading process), and the student copy's ``__init__.py`` makes it the
+  default at import, so the layers always run the ``functional`` code the
+  student writes.  The engines stay in the copy as they are.
 
 Modules: ``tasks`` (the task table), ``regions`` (markers, stubs),
 ``assignment`` (the student copy), ``runner`` (the grader's command line and

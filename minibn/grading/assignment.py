@@ -9,6 +9,7 @@ solution) is replaced by a small module that says it is kept by the staff.
 """
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -137,29 +138,40 @@ def write_assignment(out_dir: str, source_package: str = _PACKAGE, check_import:
     return out_dir
 
 
-_REFERENCE_SWITCH = """
-
-# Student copy: the layers run the readable ``functional`` code (yours), never the fast kernels.
-from . import kernels as _kernels  # noqa: E402
-_kernels.use_fast_kernels(False)
+_REFERENCE_DEFAULT = """# Student copy: the layers run the readable ``functional`` code (yours): the reference engine
+# is the default engine (MINIBN_KERNELS is read once, when minibn.engines is first imported).
+import os as _os
+_os.environ["MINIBN_KERNELS"] = "reference"
 """
 
 
 def _force_reference_path(target: str):
-    """Make the copy's layers use the code the student writes, if a fast path exists.
+    """Make the copy's layers use the code the student writes.
 
-    ``kernels.py`` (when present) is a faster arrangement of the same math that
-    layers may call instead of ``functional``; in the student copy it is
-    switched off once, at import, with its own public switch.
+    The fast engines (``engines/``) are a faster arrangement of the same math
+    that layers would use by default.  The copy's ``__init__.py`` selects the
+    reference engine (``functional.py``) as the default, with ``MINIBN_KERNELS``
+    semantics, before anything imports the engines; an explicit choice
+    (``using_engine``, a layer's ``engine``) still works.
     """
-    kernels = os.path.join(target, "kernels.py")
-    if not os.path.isfile(kernels):
-        return
-    with open(kernels, encoding="utf-8") as f:
-        if "def use_fast_kernels(" not in f.read():
-            return
-    with open(os.path.join(target, "__init__.py"), "a", encoding="utf-8") as f:
-        f.write(_REFERENCE_SWITCH)
+    init = os.path.join(target, "__init__.py")
+    with open(init, encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
+    head = _header_lines("".join(lines))
+    with open(init, "w", encoding="utf-8") as f:
+        f.write("".join(lines[:head]) + _REFERENCE_DEFAULT + "".join(lines[head:]))
+
+
+def _header_lines(source: str) -> int:
+    """Lines of a module's docstring and ``from __future__`` imports (code must come after)."""
+    end = 0
+    for node in ast.parse(source).body:
+        is_docstring = (end == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+                        and isinstance(node.value.value, str))
+        if not (is_docstring or (isinstance(node, ast.ImportFrom) and node.module == "__future__")):
+            break
+        end = node.end_lineno
+    return end
 
 
 def _check_imports(out_dir: str):

@@ -52,14 +52,13 @@ class Context:
 
 
 def _reference_path():
-    """Layers must run the graded ``functional`` code, not the optional fast kernels."""
-    import importlib.util
-    if importlib.util.find_spec("minibn.kernels") is None:
-        return
-    import minibn.kernels
-    switch = getattr(minibn.kernels, "use_fast_kernels", None)
-    if switch is not None:
-        switch(False)
+    """Layers must run the graded ``functional`` code, not a fast engine: the runner sets
+    ``MINIBN_KERNELS=reference``, and the graded copy's default engine must follow it."""
+    import minibn.engines
+    default = minibn.engines.default_engine_name()
+    if default != "reference":
+        raise RuntimeError(f"the layers would run the {default!r} engine, not the graded functional "
+                           "code: minibn.engines does not follow MINIBN_KERNELS=reference")
 
 
 def main(argv):
@@ -99,6 +98,7 @@ def main(argv):
         import minibn.functional
         import minibn.moments
         import minibn.nn
+        import minibn.sample_norms
         _reference_path()
     except BaseException as exc:  # a syntax error or a failing import in the student's code
         ok, msg = agree(False, "import minibn failed: " + _short(exc))
@@ -107,6 +107,7 @@ def main(argv):
 
     c = Context()
     c.mb, c.F, c.M, c.nn, c.comm, c.grade_dir = minibn, minibn.functional, minibn.moments, minibn.nn, comm, grade_dir
+    c.SN = minibn.sample_norms
     c.dist = None
     if task == "syncbn":
         try:

@@ -11,7 +11,7 @@ fail the backward, a missing running-statistics update does not fail the layer
 forward, and SyncBatchNorm is graded on its two reductions alone.
 
 A case is a function ``case(c)`` that raises ``AssertionError`` (or anything
-else) on failure; ``c`` holds the student's modules (``c.mb``, ``c.F``,
+else) on failure; ``c`` holds the student's modules (``c.mb``, ``c.F``, ``c.SN``,
 ``c.M``, ``c.nn``, ``c.dist``) and the grader's MPI communicator ``c.comm``.
 """
 from __future__ import annotations
@@ -200,11 +200,22 @@ def install_references(c, graded_task, tasks_present):
         for name, mod in list(sys.modules.items()):
             if mod is None or not (name == "minibn" or name.startswith("minibn.")):
                 continue
-            for attr, value in list(vars(mod).items()):
-                if value is original:
-                    setattr(mod, attr, impl)
+            _rebind(mod, original, impl)
+            for cls in [v for v in vars(mod).values() if isinstance(v, type) and v.__module__ == name]:
+                _rebind(cls, original, impl)
         replaced.append(f"{mod_name}.{fn_name}")
     return replaced
+
+
+def _rebind(owner, original, impl):
+    """Point every attribute of ``owner`` (a module or a class) bound to ``original`` at ``impl``,
+    a class's ``staticmethod`` alias included (the reference engine's methods are
+    ``functional``'s functions)."""
+    for attr, value in list(vars(owner).items()):
+        if value is original:
+            setattr(owner, attr, impl)
+        elif isinstance(value, staticmethod) and value.__func__ is original:
+            setattr(owner, attr, staticmethod(impl))
 
 
 # =========================================================================== bn_forward
@@ -700,7 +711,7 @@ def _(c):
 
 
 # =========================================================================== ln_gn_backward
-# LayerNorm and GroupNorm share one backward (functional.row_norm_backward): the
+# LayerNorm and GroupNorm share one backward (sample_norms.row_norm_backward): the
 # caches come from minibn's own forward functions, the expected values from the
 # grader's reference.
 
@@ -722,9 +733,9 @@ def _ln_case(c, shape, k, seed, affine_on=True, eps=1e-5, dtype=np.float64, tol=
     w = r.uniform(0.5, 2.0, pshape).astype(dtype) if affine_on else None
     b = r.uniform(-1, 1, pshape).astype(dtype) if affine_on else None
     dy = r.standard_normal(shape).astype(dtype)
-    _, cache = c.F.layer_norm_forward(x, pshape, w, b, eps)
+    _, cache = c.SN.layer_norm_forward(x, pshape, w, b, eps)
     dy_before = dy.copy()
-    dx, dw, db = c.F.layer_norm_backward(dy, cache)
+    dx, dw, db = c.SN.layer_norm_backward(dy, cache)
     f = R.ln_forward(x, k, w, b, eps)
     rdx, rdw, rdb = R.ln_backward(dy, f["x_hat"], f["inv_std"], k, w)
     what = f"LayerNorm{list(pshape)} on {shape}: "
@@ -736,8 +747,8 @@ def _gn_case(c, shape, groups, seed, affine_on=True, eps=1e-5, dtype=np.float64,
     x = data(shape, seed, dtype)
     w, b = affine(shape[1], seed + 1, dtype) if affine_on else (None, None)
     dy = rng(seed + 2).standard_normal(shape).astype(dtype)
-    _, cache = c.F.group_norm_forward(x, groups, w, b, eps)
-    dx, dw, db = c.F.group_norm_backward(dy, cache)
+    _, cache = c.SN.group_norm_forward(x, groups, w, b, eps)
+    dx, dw, db = c.SN.group_norm_backward(dy, cache)
     f = R.gn_forward(x, groups, w, b, eps)
     rdx, rdw, rdb = R.gn_backward(dy, f["x_hat"], f["inv_std"], groups, w)
     what = f"GroupNorm({groups} groups) on {shape}: "
@@ -789,11 +800,11 @@ def _(c):
             return float((forward() * dy).sum())
 
         if kind == "ln":
-            _, cache = c.F.layer_norm_forward(x, (4,), w, b, 1e-3)
-            dx, dw, db = c.F.layer_norm_backward(dy, cache)
+            _, cache = c.SN.layer_norm_forward(x, (4,), w, b, 1e-3)
+            dx, dw, db = c.SN.layer_norm_backward(dy, cache)
         else:
-            _, cache = c.F.group_norm_forward(x, 2, w, b, 1e-3)
-            dx, dw, db = c.F.group_norm_backward(dy, cache)
+            _, cache = c.SN.group_norm_forward(x, 2, w, b, 1e-3)
+            dx, dw, db = c.SN.group_norm_backward(dy, cache)
         name = "LayerNorm" if kind == "ln" else "GroupNorm"
         for what, got, arr in (("dx", dx, x), ("dgamma", dw, w), ("dbeta", db, b)):
             close(f"{name} {what} against finite differences", got, R.numerical_gradient(loss, arr), 1e-6,
@@ -837,8 +848,8 @@ def _(c):
     x = data((2, 3, 4), 88)
     w, b = affine(3, 89)
     dy = rng(90).standard_normal(x.shape)
-    _, cache = c.F.instance_norm_forward(x, w, b, 1e-5)
-    dx, dw, db = c.F.instance_norm_backward(dy, cache)
+    _, cache = c.SN.instance_norm_forward(x, w, b, 1e-5)
+    dx, dw, db = c.SN.instance_norm_backward(dy, cache)
     f = R.gn_forward(x, 3, w, b)
     rdx, rdw, rdb = R.gn_backward(dy, f["x_hat"], f["inv_std"], 3, w)
     close("InstanceNorm dx", dx, rdx, 1e-9)

@@ -1,24 +1,36 @@
-"""The grader's own float64 reference: batch, layer and group norm written from the formulas.
+"""The float64 reference: batch, layer and group norm written from the article's formulas.
 
 Nothing here imports minibn: this is an independent second implementation
-(plain NumPy, float64, two-pass statistics) that student code is compared
-with.  It runs in the grading subprocess next to the student's package.
+(plain NumPy, float64, two-pass statistics: the mean first, then the mean of
+squared deviations).  The grader compares student code with it, in the grading
+subprocess next to the student's package; the test suite compares minibn with
+it.  It lives with the grader because a course copy leaves ``grading/`` out.
 """
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["bn_stats", "bn_forward", "bn_backward", "ema", "two_pass", "numerical_gradient",
-           "ln_forward", "ln_backward", "gn_forward", "gn_backward"]
+__all__ = ["channel_axes", "channel_shape", "two_pass", "bn_stats", "bn_forward", "bn_backward", "ema",
+           "bn_running", "numerical_gradient", "ln_forward", "ln_backward", "gn_forward", "gn_backward"]
 
 
 def _f64(a):
     return None if a is None else np.asarray(a, dtype=np.float64)
 
 
+def channel_axes(ndim):
+    """The axes a batch statistic reduces over: every axis of an ``(N, C, *)`` array but the channel axis 1."""
+    return (0,) + tuple(range(2, ndim))
+
+
+def channel_shape(ndim):
+    """``(1, -1, 1, ...)``: the shape that makes a ``(C,)`` vector broadcast along axis 1 of ``ndim`` axes."""
+    return (1, -1) + (1,) * (ndim - 2)
+
+
 def _channel(v, ndim):
     """A ``(C,)`` vector shaped to broadcast along axis 1 of an ``ndim``-D array."""
-    return np.asarray(v, dtype=np.float64).reshape((1, -1) + (1,) * (ndim - 2))
+    return np.asarray(v, dtype=np.float64).reshape(channel_shape(ndim))
 
 
 def two_pass(x, axes):
@@ -33,8 +45,7 @@ def two_pass(x, axes):
 
 def bn_stats(x):
     """Per-channel ``(m, mean (C,), biased var (C,))`` of an ``(N, C, *)`` array."""
-    axes = tuple(a for a in range(np.ndim(x)) if a != 1)
-    m, mean, var = two_pass(x, axes)
+    m, mean, var = two_pass(x, channel_axes(np.ndim(x)))
     return m, mean.reshape(-1), var.reshape(-1)
 
 
@@ -63,7 +74,7 @@ def bn_backward(dy, x_hat, inv_std, gamma, count, frozen=False, sums=None):
     frozen statistics only the direct path is left.
     """
     dy, x_hat = _f64(dy), _f64(x_hat)
-    axes = tuple(a for a in range(dy.ndim) if a != 1)
+    axes = channel_axes(dy.ndim)
     dbeta = dy.sum(axis=axes)
     dgamma = (dy * x_hat).sum(axis=axes)
     g = np.ones_like(dbeta) if gamma is None else _f64(gamma).reshape(-1)
@@ -79,6 +90,20 @@ def bn_backward(dy, x_hat, inv_std, gamma, count, frozen=False, sums=None):
 def ema(running, batch, alpha):
     """One step of the article's 3.2: ``(1 - alpha) * running + alpha * batch``."""
     return (1.0 - alpha) * _f64(running) + alpha * _f64(batch)
+
+
+def bn_running(batches, momentum, mean0=None, var0=None):
+    """Running ``(mean, var)`` after training steps on ``batches`` (article 3.2), from ``(0, 1)``
+    or ``(mean0, var0)``: an EMA of the batch mean and the *unbiased* batch variance, with
+    ``alpha = momentum``, or ``alpha = 1 / t`` at step ``t`` (the cumulative average) for ``None``."""
+    channels = np.shape(batches[0])[1]
+    mean = np.zeros(channels) if mean0 is None else _f64(mean0)
+    var = np.ones(channels) if var0 is None else _f64(var0)
+    for step, x in enumerate(batches, start=1):
+        m, batch_mean, batch_var = bn_stats(x)
+        alpha = 1.0 / step if momentum is None else momentum
+        mean, var = ema(mean, batch_mean, alpha), ema(var, batch_var * m / (m - 1), alpha)
+    return mean, var
 
 
 def numerical_gradient(f, x, h=1e-6):
@@ -153,7 +178,7 @@ def gn_forward(x, groups, gamma=None, beta=None, eps=1e-5):
 
 def gn_backward(dy, x_hat, inv_std, groups, gamma=None):
     dy, x_hat = _f64(dy), _f64(x_hat)
-    axes = tuple(a for a in range(dy.ndim) if a != 1)
+    axes = channel_axes(dy.ndim)
     g = dy if gamma is None else dy * _channel(gamma, dy.ndim)
     istd = _f64(inv_std).reshape(dy.shape[0], groups, 1)
     dx = _per_sample_backward(_grouped(g, groups), _grouped(x_hat, groups), istd, (2,)).reshape(dy.shape)

@@ -1,8 +1,8 @@
-"""Compiled CPU kernels through numba: the optional accelerated path.
+"""The numba engine: compiled CPU loops (optional: ``pip install minibn[jit]``).
 
 NumPy runs one formula per pass over memory; a compiled loop runs a whole
-phase of batch norm in one pass, like the fused GPU kernels of
-``kernels_cupy.py`` and with the same math::
+phase of batch norm in one pass, like the fused GPU kernels of the cupy
+engine and with the same math::
 
     training forward   one read-only pass  -> sum(d), sum(d^2) per channel,  d = x - shift
                        one element-wise pass -> y = (x - shift) * a + b
@@ -15,23 +15,23 @@ near the mean: it is the mean of the first few values of each channel, and
 with float64 sums even a shift a thousand standard deviations off leaves
 about ten correct digits, so no second pass is needed (as on the GPU).
 The element-wise passes compute in the input's dtype, like the NumPy and GPU
-kernels, around the mean rounded to the dtype (``x - mean`` is then exact for
+engines, around the mean rounded to the dtype (``x - mean`` is then exact for
 values near the mean).
 
-Two loop orders, as in ``kernels.py``: ``rows`` (spatial size ``S >= 32``)
-walks each ``(n, c)`` row of ``S`` contiguous values; ``cols`` (``(N, C)``
-input and short rows) walks blocks of ``ROWS`` rows of ``W = C*S`` values
-and keeps one float64 accumulator per column.  Work is shared among
+Two loop orders, as in the NumPy engine's tiling: ``rows`` (spatial size
+``S >= 32``) walks each ``(n, c)`` row of ``S`` contiguous values; ``cols``
+(``(N, C)`` input and short rows) walks blocks of ``ROWS`` rows of ``W = C*S``
+values and keeps one float64 accumulator per column.  Work is shared among
 threads in fixed pieces (one ``(n, c)`` row, or one block of rows) whose sums
 are added in a fixed order, so results do not depend on the thread count.
 
-This path is optional: it needs ``numba`` (``pip install minibn[jit]``) and
-is selected with ``MINIBN_KERNELS=numba`` or ``kernels.use_kernels("numba")``.
-The NumPy kernels stay the default.  The first call of each kernel compiles
-it (a few seconds); the machine code is cached on disk next to this module.
-Calls from several Python threads take turns (not every numba threading layer
-takes concurrent calls); and, as with any OpenMP-threaded code, a process
-should not ``fork`` (without ``exec``) after its first kernel call.
+Selected with ``MINIBN_KERNELS=numba``, ``using_engine("numba")`` or a layer's
+``engine="numba"``.  Empty inputs and dtypes other than float32/float64 go to
+the reference engine.  The first call of each kernel compiles it (a few
+seconds); the machine code is cached on disk next to this module.  Calls from
+several Python threads take turns (not every numba threading layer takes
+concurrent calls); and, as with any OpenMP-threaded code, a process should
+not ``fork`` (without ``exec``) after its first kernel call.
 """
 from __future__ import annotations
 
@@ -39,15 +39,18 @@ import threading
 
 import numpy as np
 
+from .coefficients import gradient_coefficients, rounded_mean
+from .interface import FusedPassEngine
+from .workspace import new_output, num_threads
+
 try:                                            # optional: minibn works without numba
     import numba
     from numba import njit, prange
 except ImportError:                             # pragma: no cover - depends on the install
     numba = None
 
-__all__ = ["available", "handles", "moments", "forward_train", "normalize", "backward"]
+__all__ = ["NumbaEngine"]
 
-_FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 ROW_MIN = 32          # spatial rows shorter than this use the cols loop order
 ROWS = 64             # cols loop order: rows per block (one block = one piece of work)
 SHIFT_SAMPLE = 8      # values per channel averaged for the shift (float64 sums need no more)
@@ -55,15 +58,6 @@ SHIFT_SAMPLE = 8      # values per channel averaged for the shift (float64 sums 
 # reassociation lets LLVM vectorize the float64 running sums; nothing else is relaxed
 # (NaN and infinity propagate as in NumPy)
 _FLAGS = dict(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
-
-
-def available() -> bool:
-    """True when numba imports."""
-    return numba is not None
-
-
-def handles(x) -> bool:
-    return numba is not None and x.dtype in _FAST_DTYPES
 
 
 # --------------------------------------------------------------------------- the kernels
@@ -109,12 +103,12 @@ if numba is not None:
                 y[n, c, k] = (v - s) * ac + bc
 
     @njit(**_FLAGS)
-    def _rows_grad(dy, x, mean, k_, c0, c3, dx):
-        """dx = k * (dy - c0 - c3 * (x - mean)), per channel (in the dtype of the constants)."""
+    def _rows_grad(dy, x, mean, scale, c0, c3, dx):
+        """dx = scale * (dy - c0 - c3 * (x - mean)), per channel (in the dtype of the constants)."""
         N, C, S = x.shape
         for i in prange(N * C):
             n, c = i // C, i % C
-            m, kc, c0c, c3c = mean[c], k_[c], c0[c], c3[c]
+            m, kc, c0c, c3c = mean[c], scale[c], c0[c], c3[c]
             for k in range(S):
                 dx[n, c, k] = kc * (dy[n, c, k] - c0c - c3c * (x[n, c, k] - m))
 
@@ -151,13 +145,13 @@ if numba is not None:
                     y[n, w] = (v - shift[w]) * a[w] + b[w]
 
     @njit(**_FLAGS)
-    def _cols_grad(dy, x, mean, k_, c0, c3, dx):
-        """dx = k * (dy - c0 - c3 * (x - mean)), per column (in the dtype of the constants)."""
+    def _cols_grad(dy, x, mean, scale, c0, c3, dx):
+        """dx = scale * (dy - c0 - c3 * (x - mean)), per column (in the dtype of the constants)."""
         N, W = x.shape
         for blk in prange((N + ROWS - 1) // ROWS):
             for n in range(blk * ROWS, min(N, (blk + 1) * ROWS)):
                 for w in range(W):
-                    dx[n, w] = k_[w] * (dy[n, w] - c0[w] - c3[w] * (x[n, w] - mean[w]))
+                    dx[n, w] = scale[w] * (dy[n, w] - c0[w] - c3[w] * (x[n, w] - mean[w]))
 
 
 # --------------------------------------------------------------------------- layout
@@ -183,17 +177,17 @@ class _Layout:
         v = np.ascontiguousarray(v, dtype=dtype)
         return np.repeat(v, self.S) if self.cols and self.S > 1 else v
 
-    def fold(self, parts):
+    def fold(self, partial_sums):
         """Partial sums -> two ``(C,)`` float64 vectors, added in a fixed order."""
         if self.cols:                                   # (blocks, 2, W)
-            s = parts.sum(axis=0)
+            s = partial_sums.sum(axis=0)
             if self.S > 1:
                 s = s.reshape(2, self.C, self.S).sum(axis=2)
             return s[0], s[1]
-        s = parts.sum(axis=0)                           # (N, C, 2)
+        s = partial_sums.sum(axis=0)                    # (N, C, 2)
         return s[:, 0], s[:, 1]
 
-    def partials(self):
+    def partial_sums(self):
         if self.cols:
             return np.empty(((self.N + ROWS - 1) // ROWS, 2, self.C * self.S))
         return np.empty((self.N, self.C, 2))
@@ -202,21 +196,20 @@ class _Layout:
 def _sums(layout, u, su, v=None, sv=None):
     """``(sum (u - su), sum (u - su) * (v - sv))`` per channel, float64; without ``v``
     and ``sv``: ``(sum (u - su), sum (u - su)^2)``."""
-    parts = layout.partials()
+    partial_sums = layout.partial_sums()
     same = v is None
     u, su = layout.view(u), layout.vec(su)
     _call(_cols_sums if layout.cols else _rows_sums, u, su, u if same else layout.view(v),
-          su if same else layout.vec(sv), same, parts)
-    return layout.fold(parts)
+          su if same else layout.vec(sv), same, partial_sums)
+    return layout.fold(partial_sums)
 
 
 _lock = threading.Lock()
 
 
 def _call(kernel, *args):
-    """Run a kernel on the thread count of the NumPy kernels (``MINIBN_NUM_THREADS``, within
+    """Run a kernel on the thread count of the NumPy engine (``MINIBN_NUM_THREADS``, within
     numba's).  One call at a time: not every numba threading layer takes concurrent calls."""
-    from .kernels import num_threads
     n = max(1, min(num_threads(), numba.config.NUMBA_NUM_THREADS))
     with _lock:
         if numba.get_num_threads() != n:
@@ -224,79 +217,74 @@ def _call(kernel, *args):
         kernel(*args)
 
 
-# --------------------------------------------------------------------------- the kernel API
-# The same functions as kernels._NumpyKernels and kernels_cupy.
-
-def moments(x, out=None):
-    """``(count, mean, var, shift)`` per channel, float64, in one pass over ``x``."""
-    lay = _Layout(x.shape)
-    m = lay.N * lay.S
-    if m == 0 or x.size == 0:
-        z = np.zeros(lay.C)
-        return m, z, z.copy(), z.copy()
-    k = min(lay.N, max(1, -(-SHIFT_SAMPLE // lay.S)))
-    shift = x[:k].reshape(k, lay.C, lay.S).mean(axis=(0, 2), dtype=np.float64)
-    sum_d, sum_d2 = _sums(lay, x, shift)
-    dmean = sum_d / m
-    var = np.maximum(sum_d2 / m - dmean * dmean, 0.0)
-    return m, shift + dmean, var, shift
-
-
 def _affine(x, mean, a, b):
     """``y = (x - mean') * a + b`` in the dtype, with ``mean'`` the mean rounded to the dtype
     (so that ``x - mean'`` is exact near the mean) and ``b`` corrected for the rounding.
     Returns ``(y, kept)``, ``kept`` a copy of ``x`` written in the same pass (for the cache)."""
-    from .kernels import _new_output, rounded_mean
-    lay = _Layout(x.shape)
+    layout = _Layout(x.shape)
     dt = x.dtype
     shift, delta = rounded_mean(mean, dt)
     b = b - delta * a
-    y, kept = _new_output(x), _new_output(x)
+    y, kept = new_output(x), new_output(x)
     if x.size:
-        _call(_cols_affine if lay.cols else _rows_affine, lay.view(x), lay.vec(shift, dt),
-              lay.vec(a, dt), lay.vec(b, dt), lay.view(y), lay.view(kept))
+        _call(_cols_affine if layout.cols else _rows_affine, layout.view(x), layout.vec(shift, dt),
+              layout.vec(a, dt), layout.vec(b, dt), layout.view(y), layout.view(kept))
     return y, kept
 
 
-def forward_train(x, weight, bias, eps):
-    """Training forward with this batch's statistics: ``(y, cache)``."""
-    from .kernels import KernelCache, _check_range, forward_coefficients
-    count, mean, var, _ = moments(x)
-    _check_range(x, count, var, weight, eps)
-    inv_std, a, b = forward_coefficients(np, mean, var, mean, weight, bias, eps)
-    y, kept = _affine(x, mean, a, b)
-    return y, KernelCache(kept, mean, var, inv_std, weight, eps, count)
+# --------------------------------------------------------------------------- the engine
 
+class NumbaEngine(FusedPassEngine):
+    """Compiled loops: one pass per phase of batch norm."""
 
-def normalize(x, mean, var, weight, bias, eps):
-    """``y`` with given statistics: ``(y, inv_std, kept)``, ``kept`` a copy of ``x``."""
-    from .kernels import forward_coefficients
-    inv_std, a, b = forward_coefficients(np, mean, var, mean, weight, bias, eps)
-    y, kept = _affine(x, mean, a, b)
-    return y, inv_std, kept
+    name = "numba"
 
+    def available(self) -> bool:
+        """True when numba imports."""
+        return numba is not None
 
-def backward(dy, cache, reduce=None):
-    """``(dx, dweight, dbias)``: one read-only pass for the sums, one pass for ``dx``."""
-    from .kernels import _new_output, gradient_coefficients, rounded_mean
-    x, weight = cache.x, cache.weight
-    lay = _Layout(x.shape)
-    mean = cache.mean
-    zero = np.zeros(lay.C)
-    sum_dy, sum_dyd = zero, zero
-    if dy.size and (not cache.frozen or weight is not None):
-        sum_dy, sum_dyd = _sums(lay, dy, zero, x, mean)
-    sum_dy_xhat = cache.inv_std * sum_dyd
-    dx = _new_output(dy)
-    dt = dy.dtype
-    mean_t, delta = rounded_mean(mean, dt)            # x - mean_t is exact near the mean
-    k, c0, c3 = gradient_coefficients(np, cache, sum_dy, sum_dy_xhat, delta, reduce)
-    if cache.frozen:                                  # eval mode: dx = k * dy, x plays no part
-        scale = lay.vec(k) if lay.cols else k.reshape(-1, 1)
-        np.multiply(lay.view(dy), scale, out=lay.view(dx), casting="unsafe")
-    elif dy.size:
-        _call(_cols_grad if lay.cols else _rows_grad, lay.view(dy), lay.view(x), lay.vec(mean_t, dt),
-              lay.vec(k, dt), lay.vec(c0, dt), lay.vec(c3, dt), lay.view(dx))
-    if weight is None:
-        return dx, None, None
-    return dx, sum_dy_xhat.astype(weight.dtype), sum_dy.astype(weight.dtype)
+    def array_module(self):
+        return np
+
+    @staticmethod
+    def _moments(x):
+        """``(count, mean, var, shift)`` per channel, float64, in one pass over ``x``."""
+        layout = _Layout(x.shape)
+        count = layout.N * layout.S
+        if count == 0 or x.size == 0:
+            zeros = np.zeros(layout.C)
+            return count, zeros, zeros.copy(), zeros.copy()
+        k = min(layout.N, max(1, -(-SHIFT_SAMPLE // layout.S)))
+        shift = x[:k].reshape(k, layout.C, layout.S).mean(axis=(0, 2), dtype=np.float64)
+        sum_d, sum_d2 = _sums(layout, x, shift)
+        mean_d = sum_d / count
+        var = np.maximum(sum_d2 / count - mean_d * mean_d, 0.0)
+        return count, shift + mean_d, var, shift
+
+    _affine = staticmethod(_affine)
+
+    @staticmethod
+    def _backward(dy, cache, reduce=None):
+        """``(dx, dweight, dbias)``: one read-only pass for the sums, one pass for ``dx``."""
+        x, weight = cache.x, cache.weight
+        layout = _Layout(x.shape)
+        mean = cache.mean
+        zero = np.zeros(layout.C)
+        sum_dy, sum_dyd = zero, zero
+        if dy.size and (not cache.frozen or weight is not None):
+            sum_dy, sum_dyd = _sums(layout, dy, zero, x, mean)
+        sum_dy_xhat = cache.inv_std * sum_dyd
+        dx = new_output(dy)
+        dt = dy.dtype
+        mean_t, delta = rounded_mean(mean, dt)            # x - mean_t is exact near the mean
+        k, c0, c3 = gradient_coefficients(np, cache, sum_dy, sum_dy_xhat, delta, reduce)
+        if cache.frozen:                                  # eval mode: dx = k * dy, x plays no part
+            scale = layout.vec(k) if layout.cols else k.reshape(-1, 1)
+            np.multiply(layout.view(dy), scale, out=layout.view(dx), casting="unsafe")
+        elif dy.size:
+            _call(_cols_grad if layout.cols else _rows_grad, layout.view(dy), layout.view(x),
+                  layout.vec(mean_t, dt), layout.vec(k, dt), layout.vec(c0, dt), layout.vec(c3, dt),
+                  layout.view(dx))
+        if weight is None:
+            return dx, None, None
+        return dx, sum_dy_xhat.astype(weight.dtype), sum_dy.astype(weight.dtype)
