@@ -1,5 +1,7 @@
 # minibn: every target sets up its own virtual environment (.venv) first.
 #   make article   the main job: every lesson, then every figure
+#   make gpu-check on a machine with a GPU: install, GPU tests, engines vs functional.py, the GPU bench
+#                  table, SyncBN under mpiexec -n 2 (under 5 minutes; exits 3 without a GPU)
 #   make test      the test suite, single-process (the fast tests, then the slow ones) and under
 #                  mpiexec -n 2, 3, 4; then again on the optional numba kernels; then the wheel,
 #                  installed into a fresh virtual environment (needs PyPI), run from a temporary folder
@@ -11,7 +13,7 @@ STAMP  := $(VENV)/.minibn-installed
 PIP    := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 MPI_RANKS ?= 2 3 4
 
-.PHONY: all setup article figures lessons notebooks test test-fast test-slow test-mpi test-numba test-install bench oracle info clean
+.PHONY: all setup article figures lessons notebooks test test-fast test-slow test-mpi test-numba test-install test-cuda-sim bench gpu-check oracle info clean
 
 all: article
 
@@ -60,8 +62,20 @@ test-numba: $(STAMP)
 test-install: $(STAMP)
 	MINIBN_TEST_INSTALL=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_install.py
 
+# the GPU kernels (minibn/engines/cuda_kernels.py) under numba's CUDA simulator; test-slow runs
+# the same file in a subprocess (tests/test_cuda_kernels.py), this target runs it directly
+test-cuda-sim: $(STAMP)
+	NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py
+
 bench: $(STAMP)
 	$(PY) -m minibn bench
+
+# on a machine with a GPU, with the Python that has (or can install) CuPy and numba-cuda: by default
+# .venv's; `make gpu-check GPU_PYTHON=python3` uses a preinstalled one, with minibn from this tree
+GPU_PYTHON ?= $(PY)
+gpu-check:
+	@if [ "$(GPU_PYTHON)" = "$(PY)" ]; then $(MAKE) --no-print-directory setup; fi
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m minibn gpu-check
 
 # optional: PyTorch (CPU build) as a test oracle; tests that need it skip without it
 oracle: $(STAMP)

@@ -1,4 +1,4 @@
-"""``python -m minibn {article,figures,lessons,lesson,notebooks,info,bench,assignment,grade}``.
+"""``python -m minibn {article,figures,lessons,lesson,notebooks,info,bench,gpu-check,assignment,grade}``.
 
 Every command works from any directory, in a clone and in an installed minibn:
 :mod:`minibn.lessons_index` says where the lessons are and where the figures go.
@@ -150,6 +150,7 @@ def build_parser():
     i = sub.add_parser("info", help="versions, backend, GPU, MPI")
     i.set_defaults(func=cmd_info)
     sub.add_parser("bench", help="the benchmark tables (options: python -m minibn bench --help)")
+    sub.add_parser("gpu-check", help="on a GPU machine: install, test, compare, bench, SyncBN (under 5 min)")
     s = sub.add_parser("assignment", help="write a student copy with solution regions removed")
     s.add_argument("out")
     s.set_defaults(func=cmd_assignment)
@@ -165,6 +166,9 @@ def main(argv=None):
     if argv[:1] == ["bench"]:       # the benchmark parses its own options (--quick, --shapes ...)
         from .bench import main as bench_main
         return bench_main(argv[1:])
+    if argv[:1] == ["gpu-check"]:   # so does the GPU check (--no-install, --only ...)
+        from .gpu_check import main as gpu_check_main
+        return gpu_check_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0

@@ -21,9 +21,10 @@ Every number in the tables is measured in this run, on this machine:
   so they are counted too.  Two outputs (``y`` and ``dx``) are the minimum.
 * **SyncBatchNorm**: one training step (forward + backward) under
   ``mpiexec -n P`` for P = 1, 2, 4, and the bytes each rank hands to MPI.
-* **GPU** (only with CuPy and a GPU): minibn's ``cupy`` engine (fused kernels),
-  the reference engine on CuPy, PyTorch CUDA, as a fraction of the device's copy
-  bandwidth.
+* **GPU** (only with CuPy and a GPU): minibn's ``cupy`` engine (fused CuPy
+  kernels), its ``cuda`` engine (numba CUDA kernels, with numba-cuda), the
+  reference engine on CuPy, PyTorch CUDA; bandwidth as a fraction of the
+  device's measured copy bandwidth.
 
 Speed is reported, never asserted: the tests check numbers, not times.
 """
@@ -505,17 +506,17 @@ def bench_gpu(shapes, dtypes, repeats, warmup, log=print):
     torch = _torch()
     use_torch_cuda = torch is not None and torch.cuda.is_available()
     device_bw = device_copy_bandwidth()
-    fused, reference = get_engine("cupy"), get_engine("reference")
+    engines = {"minibn (fused CuPy)": get_engine("cupy")}
+    if engine_available("cuda") and get_engine("cuda").array_module() is cupy:    # not the simulator
+        engines["minibn (numba CUDA)"] = get_engine("cuda")
+    engines["reference (generic CuPy)"] = get_engine("reference")
     rows = []
     for dtype in dtypes:
         for shape in shapes:
             x, dy, gamma, beta = (cupy.asarray(a) for a in _data(shape, dtype))
-            impls = {
-                "minibn (fused CuPy)": (lambda: fused.forward_train(x, gamma, beta)[1],
-                                        lambda c: fused.backward(dy, c)),
-                "reference (generic CuPy)": (lambda: reference.forward_train(x, gamma, beta)[1],
-                                             lambda c: reference.backward(dy, c)),
-            }
+            impls = {name: (lambda e=engine: e.forward_train(x, gamma, beta)[1],
+                            lambda c, e=engine: e.backward(dy, c))
+                     for name, engine in engines.items()}
             if use_torch_cuda:
                 tdt = torch.float32 if np.dtype(dtype) == np.float32 else torch.float64
                 mod = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,

@@ -1,4 +1,5 @@
-"""The cupy engine (fused GPU kernels) held to the same references as the CPU engines.
+"""The GPU engines held to the same references as the CPU engines: ``cupy`` (fused CuPy
+kernels) and ``cuda`` (numba CUDA kernels; its kernel tests are tests/test_cuda_kernels.py).
 
 Skipped without CuPy or without a CUDA device.  Each test computes on the GPU,
 copies the results back, and compares with float64 formulas (``Reference`` in
@@ -27,9 +28,17 @@ EPS = 1e-5
 SHAPES = [(300, 17), (5, 3, 7), (2, 5, 33), (4, 6, 16, 16), (3, 2, 33, 35), (2, 3, 4, 5, 6), (2, 2, 1021)]
 
 
-@pytest.fixture
-def gpu():
-    return get_engine("cupy")
+def _on_cupy(name):
+    """True when the engine ``name`` runs here on CuPy arrays (not the cuda engine's simulator)."""
+    return engine_available(name) and get_engine(name).array_module() is cupy
+
+
+@pytest.fixture(params=["cupy", "cuda"])
+def gpu(request):
+    """Each GPU engine on CuPy arrays (the cuda engine needs numba-cuda, and no simulator)."""
+    if not _on_cupy(request.param):
+        pytest.skip(f"the {request.param} engine does not run on CuPy arrays here")
+    return get_engine(request.param)
 
 
 def _data(shape, dtype, loc=0.0, scale=1.0, seed=0):
@@ -63,7 +72,7 @@ def _tol(dtype):
 def test_training_forward_backward_match_references(gpu, ref, shape, dtype):
     x, dy, w, b = _data(shape, dtype, loc=0.5, scale=2.0)
     xg, dyg, wg, bg = _gpu(x, dy, w, b)
-    assert select_engine(xg) is gpu                      # the default for CuPy arrays
+    assert select_engine(xg) is get_engine("cupy")       # the default for CuPy arrays
     y, cache = gpu.forward_train(xg, wg, bg, EPS)
     assert isinstance(cache, KernelCache) and isinstance(y, cupy.ndarray)
     dx, dw, db = gpu.backward(dyg, cache)
@@ -163,15 +172,16 @@ def test_layer_on_the_gpu_fast_and_reference_paths_agree():
         x, dy, w, b = _data((8, 6, 12, 12), np.float32, loc=2.0, seed=13)
         xg, dyg = _gpu(x, dy)
         out = []
-        for engine in ("cupy", "reference"):
+        for engine in [e for e in ("cupy", "cuda") if _on_cupy(e)] + ["reference"]:
             bn = mb.BatchNorm2d(6)
             bn.weight.data[...] = cupy.asarray(w)
             bn.bias.data[...] = cupy.asarray(b)
             with using_engine(engine):
                 out.append([bn(xg), bn.backward(dyg), bn.weight.grad, bn.bias.grad, bn.running_var])
-        for a, c in zip(*out):
-            c = _host(c)
-            assert _err(_host(a), c) <= 3e-5 * max(np.abs(c).max(), 1.0)
+        for fast in out[:-1]:
+            for a, c in zip(fast, out[-1]):
+                c = _host(c)
+                assert _err(_host(a), c) <= 3e-5 * max(np.abs(c).max(), 1.0)
     finally:
         mb.set_backend("numpy")
 

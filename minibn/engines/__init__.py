@@ -5,7 +5,9 @@
 ``numpy``      tiled NumPy kernels (the default for NumPy arrays; inputs of fewer than
                16384 elements, empty ones and other dtypes go to ``reference``)
 ``numba``      compiled loops (optional: ``pip install minibn[jit]``)
-``cupy``       fused GPU kernels (the default for CuPy arrays)
+``cupy``       fused CuPy kernels (the default for CuPy arrays)
+``cuda``       numba CUDA kernels: CuPy arrays on a GPU (``numba-cuda``), NumPy arrays
+               under numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``: how CI runs them)
 =============  =========================================================================
 
 Selection: ``select_engine(x, override)`` (see :mod:`.selection`), ``with

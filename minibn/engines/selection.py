@@ -6,7 +6,8 @@ The choice for an input ``x`` (:func:`select_engine`), first match wins:
 2. the innermost ``with using_engine(name):`` block (per thread and task: a ContextVar);
 3. the default for ``x``'s array module: NumPy arrays get ``MINIBN_KERNELS``
    (``numpy``, the default, ``numba`` or ``reference``; read once, at import),
-   CuPy arrays the ``cupy`` engine (``reference`` when ``MINIBN_KERNELS=reference``).
+   CuPy arrays the ``cupy`` engine (``reference`` when ``MINIBN_KERNELS=reference``);
+   the ``cuda`` engine (numba CUDA kernels) only when named.
 
 Engines are made once, on first use (their modules are imported then: ``numba``
 and ``cupy`` are optional dependencies).
@@ -31,12 +32,15 @@ _REGISTRY = {
     "numba": ("numba_loops", "NumbaEngine"),
     "reference": ("reference", "ReferenceEngine"),
     "cupy": ("cupy_fused", "CupyEngine"),
+    "cuda": ("cuda_kernels", "CudaEngine"),
 }
 _ALIASES = {"": "numpy", "fast": "numpy", "ref": "reference"}
 _CPU_ENGINES = ("numpy", "numba", "reference")       # what MINIBN_KERNELS may name
 _WHY_UNAVAILABLE = {
     "numba": "numba is not installed; install it with `pip install minibn[jit]`, or select the numpy engine",
     "cupy": "CuPy is not installed or sees no GPU (`pip install minibn[gpu]`)",
+    "cuda": ("numba's CUDA target, CuPy or a GPU is missing (`pip install minibn[gpu]`; on a machine "
+             "without a GPU, NUMBA_ENABLE_CUDASIM=1 runs its kernels on NumPy arrays)"),
 }
 _engines = {}
 _making = threading.Lock()
