@@ -23,6 +23,7 @@ process in them are removed afterwards, also when a check fails.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -272,4 +273,7 @@ def test_a_cut_link_ends_the_job_with_the_timeout_message(hosts, tmp_path):
     for line in lines:
         assert f"within {TIMEOUT} s" in line and "SyncBatchNorm." in line
         assert "a lost network link" in line and "MPI_Abort" in line
-    assert ended_after >= TIMEOUT
+        waited = float(re.search(r"\(waited ([0-9.]+) s\)", line).group(1))
+        assert waited >= TIMEOUT - 0.05, line             # printed with one decimal
+    # no lower bound on ended_after: a rank's deadline runs from the start of its collective,
+    # which may come before the cut; the line itself says the full timeout was waited
