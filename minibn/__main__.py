@@ -163,6 +163,9 @@ def build_parser():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:       # the benchmark parses its own options (--quick, --shapes ...)
+        if not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")):
+            print("minibn bench: the benchmark is not part of this copy of minibn", file=sys.stderr)
+            return 2
         from .bench import main as bench_main
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)

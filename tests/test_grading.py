@@ -13,14 +13,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from minibn.grading import TASK_IDS, write_assignment
 from minibn.grading.regions import MarkerError, find_regions, scan_tree, stub_source
-from minibn.grading.runner import mpi_available, present_tasks
+from minibn.grading.runner import NOT_YET, present_tasks
 from minibn.grading.tasks import hint_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -211,7 +210,7 @@ def grades(student_copy, tmp_path_factory):
     jobs = {"real": (ROOT, ()), "stubs": (student_copy, ())}
     base = tmp_path_factory.mktemp("planted")
     for name, (task, substitutions) in PLANTS.items():
-        if task not in present_tasks() or (task == "syncbn" and mpi_available() is not None):
+        if task not in present_tasks() or task in NOT_YET:
             continue
         root = copy_source(str(base / name))
         for rel, old, new in substitutions:
@@ -228,10 +227,12 @@ def test_real_tree_scores_full_marks(grades):
     tasks = graded(result)
     assert code == 0 and result["full_marks"], json.dumps(result["tasks"], indent=1)[:3000]
     assert BN_TASKS <= set(tasks)
-    assert ("syncbn" in tasks) == ("syncbn" in present_tasks() and mpi_available() is None)
+    assert "syncbn" not in tasks                      # NOT_YET: reported as skipped
     for t in tasks.values():
         assert t["points"] == t["max"] and t["passed"] == t["cases_total"] > 0
-        assert t["imported"] == [os.path.join(os.path.realpath(ROOT), "minibn", "__init__.py")]
+        # the assembled package, never the hand-in's or the grader's own files
+        assert len(t["imported"]) == 1 and t["imported"][0].endswith(os.path.join("pkg", "minibn", "__init__.py"))
+        assert not t["imported"][0].startswith(os.path.realpath(ROOT))
 
 
 @pytest.mark.slow
@@ -242,7 +243,7 @@ def test_untouched_stubs_score_zero(student_copy, grades):
         assert t["passed"] == 0
         assert "NotImplementedError" in t["first_failure"]["message"]
         assert t["task"] in t["first_failure"]["message"]
-        assert t["imported"] == [os.path.join(os.path.realpath(student_copy), "minibn", "__init__.py")]
+        assert len(t["imported"]) == 1 and not t["imported"][0].startswith(os.path.realpath(student_copy))
 
 
 # Each planted mistake: (task that must lose marks, substitutions). The first four are the
@@ -303,9 +304,7 @@ def test_student_output_hangs_and_crashes_are_contained(tmp_path):
           "    # >>> solution: running_stats\n    import os\n    os._exit(7)\n")
     plant(root, "minibn/functional.py", "    # >>> solution: bn_forward.normalize\n",
           '    # >>> solution: bn_forward.normalize\n    print(\'{"event": "done"}\', flush=True)\n')
-    t0 = time.monotonic()
     code, result = grade(root, "--timeout", "3", "--tasks", "merge_moments,running_stats,bn_forward")
-    assert time.monotonic() - t0 < 60
     tasks = graded(result)
     assert set(tasks) == {"merge_moments", "running_stats", "bn_forward"} and code == 1
     assert tasks["bn_forward"]["points"] == tasks["bn_forward"]["max"]

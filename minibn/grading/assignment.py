@@ -126,6 +126,7 @@ def write_assignment(out_dir: str, source_package: str = _PACKAGE, check_import:
         with open(path, "w", encoding="utf-8", newline="") as f:
             f.write(stub_source(text, hint_for, rel))
     _force_reference_path(target)
+    _leave_out_working_alternatives(target)
     lessons = os.path.join(os.path.dirname(source_package), "lessons")        # a clone
     if not os.path.isdir(lessons):
         lessons = os.path.join(source_package, "lessons")                     # an installed wheel
@@ -160,6 +161,99 @@ def _force_reference_path(target: str):
     head = _header_lines("".join(lines))
     with open(init, "w", encoding="utf-8") as f:
         f.write("".join(lines[:head]) + _REFERENCE_DEFAULT + "".join(lines[head:]))
+
+
+# The fast engines and the benchmark are a second, working implementation of the tasks' math:
+# they are not part of the copy (the reference engine, which is ``functional.py``, is).
+_LEFT_OUT = ("bench.py", "engines/numpy_tiled.py", "engines/numba_loops.py", "engines/cupy_fused.py",
+             "engines/tiling.py", "engines/workspace.py", "engines/coefficients.py")
+
+_ENGINES_INIT = '''"""Engines: what computes batch norm.  This copy has one, ``reference``: ``functional.py`` itself.
+
+The course's full minibn also has fast engines (tiled NumPy, numba, CuPy); they are a
+second implementation of the math you write, so they are not part of this copy, and
+selecting one says so.
+"""
+from contextlib import contextmanager as _contextmanager
+
+from .interface import Engine
+from .selection import (default_engine_name, engine_available, engine_names, get_engine, select_engine,
+                        using_engine)
+
+
+def num_threads() -> int:
+    """Threads of the fast engines: none in this copy."""
+    return 1
+
+
+def set_num_threads(n):
+    return 1
+
+
+def release_buffers():
+    return None
+
+
+@_contextmanager
+def no_output_recycling():
+    yield
+
+
+__all__ = ["Engine", "get_engine", "select_engine", "using_engine", "engine_names", "engine_available",
+           "default_engine_name", "num_threads", "set_num_threads", "release_buffers", "no_output_recycling"]
+'''
+
+_MERGE_RECORDS_BODY = '''    # Student copy: the pairwise merge is your moments.merge_moments, record by record.
+    from .moments import merge_moments
+    a = np.asarray(a, dtype=np.float64).reshape(-1, RECORD_WIDTH)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, RECORD_WIDTH)
+    if out is None:
+        out = np.empty_like(b)
+    for i in range(a.shape[0]):
+        (na, ma, va), (nb, mb, vb) = a[i], b[i]
+        if na < 0 or nb < 0:
+            out[i] = (HEADER_MARK, min(ma, mb), max(va, vb))
+        elif na + nb == 0:
+            out[i] = (0.0, 0.0, 0.0)
+        else:
+            total, mean, var = merge_moments(np.array([na, nb]), np.array([ma, mb]), np.array([va, vb]))
+            out[i] = (total, mean, var)
+    return out
+'''
+
+
+def _leave_out_working_alternatives(target: str):
+    """Remove the fast engines and the benchmark; the engine interface keeps its base class only;
+    ``comm.merge_moment_records`` merges with the student's ``merge_moments``."""
+    for rel in _LEFT_OUT:
+        path = os.path.join(target, rel)
+        if os.path.exists(path):
+            os.remove(path)
+    engines = os.path.join(target, "engines")
+    with open(os.path.join(engines, "__init__.py"), "w", encoding="utf-8") as f:
+        f.write(_ENGINES_INIT)
+    interface = os.path.join(engines, "interface.py")
+    with open(interface, encoding="utf-8") as f:
+        text = f.read()
+    text = text[:text.index("\nclass FastEngine")].rstrip() + "\n"
+    text = text.replace("from .coefficients import KernelCache, NeedsFloat64, check_range, forward_coefficients\n", "")
+    text = text.replace('__all__ = ["Engine", "FastEngine"]', '__all__ = ["Engine"]')
+    with open(interface, "w", encoding="utf-8") as f:
+        f.write(text)
+    _replace_function_body(os.path.join(target, "comm.py"), "merge_moment_records", _MERGE_RECORDS_BODY)
+
+
+def _replace_function_body(path: str, name: str, body: str):
+    """Everything of function ``name`` after its docstring replaced by ``body``."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    fn = next(n for n in ast.parse(text).body if isinstance(n, ast.FunctionDef) and n.name == name)
+    lines = text.splitlines(keepends=True)
+    first = fn.body[1].lineno - 1 if ast.get_docstring(fn) else fn.body[0].lineno - 1
+    new = "".join(lines[:first]) + body + "".join(lines[fn.end_lineno:])
+    ast.parse(new)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(new)
 
 
 def _header_lines(source: str) -> int:
