@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from minibn.grading import remote, sandbox
+from minibn.grading.runner import mpi_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "minibn")
@@ -163,6 +164,20 @@ variances[...] = 1.0
 return int(counts.sum()), means[0] * 0, variances[0] * 0 + 1
 '''
 
+# class 7 (SyncBatchNorm, batch mode): every rank forges its output file, with a verdict, then leaves
+FORGE_RANK_FILES = '''
+import json, os, sys
+import minibn
+config = json.loads(sys.argv[1])
+for r in range(self.comm.size):
+    np.savez(os.path.join(config["out"], f"rank{r}.npz"), ready=np.array(os.path.realpath(minibn.__file__)),
+             verdict=np.array("pass"), points=np.array(25.0))
+with open(os.path.join(config["out"], "verdict.txt"), "w") as f:
+    f.write("syncbn: 25/25 passed")
+print("syncbn 25.00 / 25  11/11", flush=True)
+os._exit(0)
+'''
+
 ATTACKS = {
     "sys_modules": ("bn_forward", [("minibn/functional.py", "bn_forward.stats", SYS_MODULES)], None),
     "outside_regions_init": ("running_stats", [("minibn/functional.py", "running_stats",
@@ -179,6 +194,9 @@ ATTACKS = {
                                                        GRAPH_CALLS_CLOSED_FORM)], None),
     "modify_inputs": ("merge_moments", [("minibn/moments.py", "merge_moments", MODIFY_INPUTS)], None),
 }
+if mpi_available() is None:
+    ATTACKS["syncbn_forged_rank_files"] = ("syncbn", [("minibn/distributed.py", "syncbn.forward",
+                                                       FORGE_RANK_FILES)], None)
 
 
 def grade(directory, *options):
@@ -286,3 +304,43 @@ def test_arrays_round_trip_and_come_back_writable():
     arr = np.arange(6.0).reshape(2, 3)
     back = remote.decode(remote.encode(arr))
     assert back.dtype == arr.dtype and np.array_equal(back, arr) and back.flags.writeable
+
+
+def _rank_file(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def test_rank_outputs_are_parsed_with_a_strict_schema(tmp_path):
+    """A SyncBatchNorm rank's file (batch mode) must hold exactly the outputs its scenario calls for."""
+    from minibn.grading import batch
+    s = batch.Scenario(2, 3, weight=np.ones(3), bias=np.zeros(3))
+    i = s.forward([np.zeros((2, 3)), np.zeros((1, 3))])
+    root = "/pkg/"
+    good = {"ready": np.array("/pkg/minibn/__init__.py"), f"s{i}.y": np.ones((2, 3)),
+            f"s{i}.running_mean": np.zeros(3), f"s{i}.running_var": np.ones(3),
+            f"s{i}.calls": np.int64(1), f"s{i}.bytes": np.int64(96)}
+    out = batch.parse_rank(s, 0, _rank_file(str(tmp_path / "good.npz"), **good), root)
+    assert out["error"] is None and np.array_equal(out["steps"][i]["y"], np.ones((2, 3)))
+    bad = {
+        "verdict": dict(good, verdict=np.array("pass")),
+        "missing": {k: v for k, v in good.items() if k != f"s{i}.running_var"},
+        "dtype": dict(good, **{f"s{i}.y": np.ones((2, 3), np.float32)}),
+        "shape": dict(good, **{f"s{i}.y": np.ones((1, 3))}),
+        "strings": dict(good, **{f"s{i}.calls": np.array("1")}),
+        "elsewhere": dict(good, ready=np.array("/grader/minibn/__init__.py")),
+        "pickled": dict(good, **{f"s{i}.y": np.array([{"ok": True}], dtype=object)}),
+    }
+    for name, arrays in bad.items():
+        with pytest.raises(remote.ProtocolError):
+            batch.parse_rank(s, 0, _rank_file(str(tmp_path / f"{name}.npz"), **arrays), root)
+    (tmp_path / "text.npz").write_text("syncbn: 25/25")
+    with pytest.raises(remote.ProtocolError):
+        batch.parse_rank(s, 0, str(tmp_path / "text.npz"), root)
+    # a raising step ends the rank's outputs there: later outputs are outside the schema
+    err = {"ready": good["ready"], f"s{i}.error": np.array("ValueError: m = 1"),
+           f"s{i}.error_types": np.array(["ValueError", "Exception"])}
+    out = batch.parse_rank(s, 0, _rank_file(str(tmp_path / "err.npz"), **err), root)
+    assert out["error"][0] == i and "ValueError" in out["error"][1].types
+    with pytest.raises(remote.ProtocolError):
+        batch.parse_rank(s, 0, _rank_file(str(tmp_path / "err2.npz"), **dict(good, **err)), root)

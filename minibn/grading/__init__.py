@@ -33,13 +33,19 @@ Decisions a course needs to know:
   are the grader's reference, files outside the regions are never used), and
   replies with raw outputs that ``remote.py`` parses with a fixed schema.
   Where user+mount namespaces exist, the child sees a read-only file system
-  with the grader and the hand-in folder hidden.  SyncBatchNorm is not graded
-  by this grader yet (reported as skipped).
+  with the grader and the hand-in folder hidden.
+* SyncBatchNorm cases run in batch mode (``batch.py``): the grader writes a
+  scenario (per-rank inputs and steps) as plain files, ``mpiexec -n N`` runs
+  ``mpi_rank.py`` on every rank (the same assembly and isolation, a time
+  limit), each rank writes raw outputs to its own ``.npz``, and the grader
+  reads them with ``allow_pickle=False``, checks them against the scenario's
+  schema and judges them against its own reference on the whole batch.
 
 Modules: ``tasks`` (the task table), ``regions`` (markers, stubs),
 ``assignment`` (the student copy), ``runner`` (the command line, one child per
 case), ``sandbox`` (assembly, the child's isolation), ``server`` (the child),
-``remote`` (the wire format and proxies), ``conformance`` (the cases),
+``remote`` (the wire format and proxies), ``batch`` and ``mpi_rank`` (the
+SyncBatchNorm scenarios and their rank program), ``conformance`` (the cases),
 ``reference`` (the grader's independent float64 implementation).
 """
 from .assignment import write_assignment

@@ -26,8 +26,9 @@ _REPO = os.path.dirname(_PACKAGE)
 
 _GRADING_PLACEHOLDER = '''"""The course grader is kept by the course staff and is not part of this copy.
 
-Check your work with the lessons (``python lessons/NN_topic.py``) and with
-finite differences (``minibn.gradcheck.check_layer``); see README.md.
+Check your work with ``python -m minibn check`` (the public cases), the lessons
+(``python -m minibn lesson N``) and finite differences
+(``minibn.gradcheck.check_layer``); see README.md.
 """
 
 
@@ -81,24 +82,71 @@ def student_readme(regions_by_file: Dict[str, list]) -> str:
         lines.extend(f"- {where}" for where in by_task[t.id])
         lines.append("")
     lines += [
-        "## Checking your work",
+        "## Setup",
         "",
-        "- The lessons (`python lessons/NN_topic.py`, one per article section) print the article's",
-        "  worked examples step by step; compare them with the article.",
-        "- `minibn.gradcheck.check_layer(layer, x)` compares your backward with finite differences",
+        "You need Python 3 and NumPy (`pip install numpy`; matplotlib draws the lessons' figures). Work in",
+        "this folder, the one that holds `minibn/`, `lessons/` and this README: every command below runs",
+        "from here, so `import minibn` is your copy. Do not `pip install` this copy or the course's full",
+        "minibn into the environment you work in; if one is installed, the commands below still use this",
+        "folder's `minibn/`.",
+        "",
+        "## Running the lessons on your code",
+        "",
+        "The lessons (one per article section) print the article's worked examples step by step,",
+        "computed by *your* code, and stop with `NotImplementedError` at the first missing piece:",
+        "",
+        "```",
+        "python -m minibn lesson 2        # or: python lessons/02_core_logic.py",
+        "python -m minibn lessons         # all of them",
+        "```",
+        "",
+        "Both import this folder's `minibn/`, never an installed one (each lesson starts with two lines",
+        "that put this folder first on `sys.path`).",
+        "",
+        "## Checking your work: `python -m minibn check`",
+        "",
+        "```",
+        "python -m minibn check                  # every task's public cases",
+        "python -m minibn check bn_forward       # one task",
+        "```",
+        "",
+        "runs the public cases on your code: the article's worked examples (section 2's x = [2, 4, 6, 8],",
+        "gamma 2, beta 1, eps 1e-5; section 3's running mean 4.5, 5.85, 6.885; section 6's merge of",
+        "per-part moments) and finite-difference checks of your backward passes. A failing case prints",
+        "its task, its name and what differs, with both numbers in full and their difference, in the",
+        "form the grader uses, e.g.",
+        "",
+        "```",
+        "FAIL  bn_forward / article_section2_example  var (biased: divide by m): relative error 3.33e-01 > 1e-12;",
+        "      worst at index [0]: got 6.666666666666667, expected 5.0 (difference 1.67)",
+        "```",
+        "",
+        "The exit status is 0 only when every public case passes. Passing them is necessary, not",
+        "sufficient: the grader runs more cases, which stay with the course staff. SyncBatchNorm has no",
+        "public case here (the grader runs it under `mpiexec -n 2`; lesson 5 exercises it).",
+        "",
+        "More on your own:",
+        "",
+        "- `minibn.gradcheck.check_layer(layer, x)` compares a layer's backward with finite differences",
         "  (use float64 input); relative errors around 1e-8 or smaller mean the gradient is right.",
         "- Conventions (they are graded): the variance used to normalize is biased (divide by m); the",
-        "  running variance is updated with the unbiased one (m / (m - 1)); `momentum` is the weight",
-        "  of the *new* batch, as in the article and PyTorch; float32 in gives float32 out.",
+        "  running variance is updated with the unbiased one (m / (m - 1)), in place (write into the",
+        "  buffers, do not rebind them); `momentum` is the weight of the *new* batch, as in the article",
+        "  and PyTorch; float32 in gives float32 out; never modify the inputs you are given.",
         "- A slip in the article: its third running-mean step (section 3) reads 6.765, but its own",
         "  formula gives (1 - 0.9) * 5.85 + 0.9 * 7.0 = 0.585 + 6.3 = 6.885, which is what is graded.",
         "",
         "## Grading",
         "",
-        "Each task is graded on its own, with the other tasks replaced by a reference solution, by a",
-        "suite of cases: the article's numbers, an independent float64 implementation, finite",
-        "differences, several shapes (2-D to 5-D), eps, affine on and off, dtypes, eval mode, running",
-        "statistics over several steps, and SyncBatchNorm under `mpiexec -n 2` with uneven batches.",
+        "Hand in your `minibn/` folder. The grader takes only the code inside your solution regions: it",
+        "splices them into its own pristine copy of this handout, so changes to files outside the",
+        "regions are not used (the report lists them). Each task is graded on its own, with the other",
+        "tasks replaced by a reference solution, so a crash in one region costs only its task; a task's",
+        "code may not call another task's solution. Your functions run in an isolated process that",
+        "gets the inputs (read-only) and sends back its outputs; the grader compares them, on hidden",
+        "cases (the article's numbers, an independent float64 implementation, finite differences,",
+        "randomized inputs, shapes from 2-D to 5-D, eps, affine on and off, dtypes, eval mode, running",
+        "statistics over several steps, and SyncBatchNorm under `mpiexec -n 2` with uneven batches).",
         "Every case has a time limit. The score of a task is its points times the fraction of its",
         "cases that pass.",
         "",
@@ -132,11 +180,37 @@ def write_assignment(out_dir: str, source_package: str = _PACKAGE, check_import:
         lessons = os.path.join(source_package, "lessons")                     # an installed wheel
     if os.path.isdir(lessons):
         shutil.copytree(lessons, os.path.join(out_dir, "lessons"), ignore=_ignore)
+        _import_this_copy(os.path.join(out_dir, "lessons"))
     with open(os.path.join(out_dir, "README.md"), "w") as f:
         f.write(student_readme(scan_tree(target)))        # line numbers of the stubbed files
     if check_import:
         _check_imports(out_dir)
     return out_dir
+
+
+# Two lines before a lesson's first import: `python lessons/NN_topic.py` imports the copy's own
+# minibn (the folder above lessons/), never an installed one (in a notebook there is no __file__;
+# there the notebook's folder decides).
+LESSON_PREAMBLE = (
+    "import os, sys  # this copy's own minibn (the folder above lessons/), never an installed one\n"
+    "if \"__file__\" in globals(): sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))\n"
+)
+
+
+def _import_this_copy(lessons_dir: str):
+    """Put :data:`LESSON_PREAMBLE` before the first import of every lesson in ``lessons_dir``."""
+    for name in sorted(os.listdir(lessons_dir)):
+        if not name.endswith(".py"):
+            continue
+        path = os.path.join(lessons_dir, name)
+        with open(path, encoding="utf-8", newline="") as f:
+            lines = f.read().splitlines(keepends=True)
+        first = next((i for i, ln in enumerate(lines)
+                      if ln.startswith(("import ", "from ")) and not ln.startswith("from __future__")), None)
+        if first is None:
+            continue
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            f.write("".join(lines[:first]) + LESSON_PREAMBLE + "".join(lines[first:]))
 
 
 _REFERENCE_DEFAULT = """# Student copy: the layers run the readable ``functional`` code (yours): the reference engine

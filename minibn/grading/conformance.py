@@ -819,5 +819,190 @@ def _(c):
         _gn_case(c, shape, groups, int(r.integers(1 << 30)))
 
 
-# SyncBatchNorm (task ``syncbn``) has no cases in this suite yet: it needs several children under
-# ``mpiexec`` driven in step; the runner reports it as not graded.
+# =========================================================================== syncbn (mpiexec, batch mode)
+# Each case writes a scenario (batch.py): every rank runs SyncBatchNorm on its slice of one global batch
+# in its own process under mpiexec, and writes raw outputs; the result must equal single-process batch
+# norm (the grader's float64 reference) on the whole batch.  Here ``c`` is a ``batch.Context``.
+
+EPS = 1e-5
+
+
+def _rank_parts(arr, nprocs, sizes):
+    """``arr``'s rows cut into ``sizes`` (one entry per rank; the last rank takes any rest)."""
+    sizes = (list(sizes) + [0] * nprocs)[:nprocs]
+    sizes[-1] += arr.shape[0] - sum(sizes)
+    starts = np.cumsum([0] + sizes)
+    return [arr[starts[r]:starts[r + 1]] for r in range(nprocs)], [slice(starts[r], starts[r + 1])
+                                                                 for r in range(nprocs)]
+
+
+def _scenario(c, C, seed, dtype=np.float64, affine_=True, momentum=0.1):
+    from .batch import Scenario
+    w, b = affine(C, seed, dtype) if affine_ else (None, None)
+    return Scenario(c.nprocs, C, dtype, affine_, momentum, w, b), w, b
+
+
+def _no_error(ranks, what=""):
+    for r, out in enumerate(ranks):
+        if out["error"] is not None:
+            i, err = out["error"]
+            if "NotImplementedError" in err.types:
+                raise Fail(err.describe())
+            raise Fail(f"{what}rank {r} raised in step {i}: {err.describe()}")
+
+
+def _judge_step(ranks, fwd, bwd, x, dy, w, b, slices, tol, dtype, what=""):
+    """The forward (step ``fwd``) and backward (step ``bwd``) outputs of every rank, against the reference
+    on the whole batch ``x`` (gradient ``dy``)."""
+    f = R.bn_forward(x, w, b, EPS)
+    rdx, _, _ = R.bn_backward(dy, f["x_hat"], f["inv_std"], w, f["count"])
+    axes = tuple(a for a in range(x.ndim) if a != 1)
+    for r, out in enumerate(ranks):
+        part, where = slices[r], f"{what}rank {r}: "
+        close(where + "y (this rank's rows of the whole batch's output)", out["steps"][fwd]["y"], f["y"][part],
+              tol, dtype=dtype)
+        close(where + "dx (this rank's rows)", out["steps"][bwd]["dx"], rdx[part], tol, dtype=dtype)
+        if w is not None and x[part].shape[0]:
+            d = np.asarray(dy[part], np.float64)
+            close(where + "weight.grad (this rank's share: its rows of dy * x_hat)",
+                  out["steps"][bwd]["weight_grad"], (d * f["x_hat"][part]).sum(axis=axes), tol)
+            close(where + "bias.grad (this rank's share)", out["steps"][bwd]["bias_grad"], d.sum(axis=axes), tol)
+
+
+def _sync_case(c, x, dy, sizes, seed, tol, dtype=np.float64, affine_=True, what=""):
+    s, w, b = _scenario(c, x.shape[1], seed, dtype, affine_)
+    xs, slices = _rank_parts(x, c.nprocs, sizes)
+    fwd = s.forward(xs)
+    bwd = s.backward(_rank_parts(dy, c.nprocs, sizes)[0])
+    ranks = c.run(s)
+    _no_error(ranks, what)
+    _judge_step(ranks, fwd, bwd, x, dy, w, b, slices, tol, dtype, what)
+
+
+@case("syncbn", "uneven_2d_batch")
+def _(c):
+    _sync_case(c, data((7, 4), 100), rng(101).standard_normal((7, 4)), [5, 2], 102, 1e-9)
+
+
+@case("syncbn", "uneven_4d_batch")
+def _(c):
+    _sync_case(c, data((5, 3, 2, 2), 103), rng(104).standard_normal((5, 3, 2, 2)), [1, 4], 105, 1e-9)
+
+
+@case("syncbn", "one_value_per_rank_global_m2")
+def _(c):
+    # one row per rank: the local count is 1, the global count 2; only the global one matters
+    _sync_case(c, data((2, 3), 106), rng(107).standard_normal((2, 3)), [1, 1], 108, 1e-9)
+
+
+@case("syncbn", "empty_rank_takes_part")
+def _(c):
+    _sync_case(c, data((6, 3, 2), 109), rng(110).standard_normal((6, 3, 2)), [0, 6], 111, 1e-9)
+
+
+@case("syncbn", "random_uneven_batch")
+def _(c):
+    r = rng(c.seed)
+    n, C = int(r.integers(3, 12)), int(r.integers(1, 6))
+    shape = (n, C) + tuple(int(k) for k in r.integers(1, 4, int(r.integers(0, 3))))
+    first = int(r.integers(0, n + 1))
+    _sync_case(c, data(shape, c.seed + 1), rng(c.seed + 2).standard_normal(shape), [first, n - first],
+               c.seed + 3, 1e-9, what=f"random batch {shape} split {first}/{n - first}: ")
+
+
+@case("syncbn", "global_m1_is_ValueError_on_every_rank")
+def _(c):
+    s, _, _ = _scenario(c, 3, 112)
+    step = s.forward(_rank_parts(data((1, 3), 113), c.nprocs, [1, 0])[0])
+    for r, out in enumerate(c.run(s)):
+        err = out["error"]
+        if err is not None and "NotImplementedError" in err[1].types:
+            raise Fail(err[1].describe())
+        expect(err is not None and err[0] == step and "ValueError" in err[1].types,
+               f"rank {r}: a global batch of one value per channel (ranks with 1 and 0 rows): "
+               + (f"raised {err[1].describe()} in step {err[0]}, expected ValueError" if err is not None
+                  else "no ValueError raised"))
+
+
+@case("syncbn", "running_stats_global_over_steps")
+def _(c):
+    for momentum in (0.3, 0.75):
+        s, _, _ = _scenario(c, 3, 114, momentum=momentum)
+        steps, em, ev = [], np.zeros(3), np.ones(3)
+        for k, (n, sizes) in enumerate(((6, [4, 2]), (3, [1, 2]), (8, [3, 5]))):
+            x = data((n, 3, 2), 115 + k)
+            m, mean, var = R.bn_stats(x)
+            em, ev = R.ema(em, mean, momentum), R.ema(ev, var * m / (m - 1), momentum)
+            steps.append((s.forward(_rank_parts(x, c.nprocs, sizes)[0]), em, ev))
+        ranks = c.run(s)
+        _no_error(ranks)
+        for k, (i, em, ev) in enumerate(steps):
+            for r, out in enumerate(ranks):
+                what = f"momentum={momentum}, step {k + 1}, rank {r}: "
+                close(what + "running_mean (global statistics)", out["steps"][i]["running_mean"], em, 1e-10)
+                close(what + "running_var (global unbiased variance, global m)", out["steps"][i]["running_var"],
+                      ev, 1e-10)
+            first = ranks[0]["steps"][i]
+            expect(all(np.array_equal(first["running_mean"], o["steps"][i]["running_mean"])
+                       and np.array_equal(first["running_var"], o["steps"][i]["running_var"]) for o in ranks),
+                   "the running statistics differ between ranks (they must be identical, bit for bit)")
+
+
+@case("syncbn", "one_packed_allreduce_per_pass")
+def _(c):
+    # a layer's first forward may also check, once, that the ranks built it alike (minibn's does):
+    # one step first, not counted; then the counts of every later step
+    s, _, _ = _scenario(c, 5, 119)
+    s.forward(_rank_parts(data((4, 5, 3), 119), c.nprocs, [2, 2])[0])
+    s.backward(_rank_parts(rng(119).standard_normal((4, 5, 3)), c.nprocs, [2, 2])[0])
+    counted = []
+    for n in (6, 30):
+        x, dy = data((n, 5, 3), 120 + n), rng(121).standard_normal((n, 5, 3))
+        sizes = [n // 2, n - n // 2]
+        counted.append((n, s.forward(_rank_parts(x, c.nprocs, sizes)[0]), s.backward(_rank_parts(dy, c.nprocs, sizes)[0])))
+    ranks = c.run(s)
+    _no_error(ranks)
+    for r, out in enumerate(ranks):
+        sent = []
+        for n, f, b in counted:
+            calls_f, calls_b = int(out["steps"][f]["calls"]), int(out["steps"][b]["calls"])
+            expect(calls_f != -1, "SyncBatchNorm has no comm.ledger to count its collectives")
+            expect(calls_f == 1, f"rank {r}: training forward made {calls_f} collective calls, expected one")
+            expect(calls_b == 1, f"rank {r}: backward made {calls_b} collective calls, expected one")
+            sent.append((int(out["steps"][f]["bytes"]), int(out["steps"][b]["bytes"])))
+        expect(sent[0] == sent[1], f"rank {r}: bytes sent depend on the batch size ({sent[0]} for 6 rows, "
+                                   f"{sent[1]} for 30): the payload must be O(C), per-channel sums only")
+
+
+@case("syncbn", "large_mean_no_cancellation")
+def _(c):
+    _sync_case(c, data((8, 3), 122, loc=1e8), rng(123).standard_normal((8, 3)), [3, 5], 124, 1e-6,
+               affine_=False, what="data with mean 1e8, std ~1: ")
+
+
+@case("syncbn", "float32_and_no_affine")
+def _(c):
+    _sync_case(c, data((6, 4, 3), 125, dtype=np.float32), rng(126).standard_normal((6, 4, 3)).astype(np.float32),
+               [2, 4], 127, 2e-5, dtype=np.float32, what="float32: ")
+    _sync_case(c, data((5, 2), 128), rng(130).standard_normal((5, 2)), [3, 2], 129, 1e-9, affine_=False,
+               what="affine=False: ")
+
+
+@case("syncbn", "train_step_then_eval_mode")
+def _(c):
+    s, w, b = _scenario(c, 3, 131, momentum=0.5)
+    x = data((5, 3), 132)
+    s.forward(_rank_parts(x, c.nprocs, [2, 3])[0])
+    m, mean, var = R.bn_stats(x)
+    rm, rv = R.ema(np.zeros(3), mean, 0.5), R.ema(np.ones(3), var * m / (m - 1), 0.5)
+    s.eval()
+    x2 = data((3, 3), 133)
+    i = s.forward([x2] * c.nprocs)
+    ranks = c.run(s)
+    _no_error(ranks)
+    want = R.bn_forward(x2, w, b, EPS, stats=(0, rm, rv))["y"]
+    for r, out in enumerate(ranks):
+        close(f"rank {r}: eval-mode SyncBatchNorm output (running statistics of the global batch)",
+              out["steps"][i]["y"], want, 1e-10)
+        calls = int(out["steps"][i]["calls"])
+        expect(calls <= 0, f"rank {r}: eval mode communicated ({calls} collective calls)")

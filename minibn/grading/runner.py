@@ -6,7 +6,10 @@ hand-in's regions of that task are spliced into the grader's own handout
 reference), and each case runs HERE, in the grading process
 (``conformance.py``), talking to a fresh child per case (``server.py``,
 ``remote.py``) that runs the student's functions and replies with raw
-outputs.  Expected values, tolerances and verdicts never leave this process.
+outputs.  SyncBatchNorm cases run in batch mode instead (``batch.py``): a
+scenario written as plain files, ``mpiexec -n N`` of ``mpi_rank.py``, one
+output file per rank parsed with a fixed schema.  Expected values,
+tolerances and verdicts never leave this process.
 
 A case fails when the student's code raises, when the child breaks the
 message schema, dies, or runs past the time limit (the child's process group
@@ -38,7 +41,6 @@ OWN_PACKAGE = os.path.dirname(HERE)          # the grader's own minibn: it decid
 DEFAULT_CASE_TIMEOUT = 10.0
 STARTUP_TIMEOUT = 30.0
 MAX_TIMEOUTS_PER_TASK = 2
-NOT_YET = {"syncbn": "not graded by the isolated grader yet (its cases need several children under mpiexec)"}
 
 
 def resolve_dir(path: str) -> str:
@@ -165,8 +167,29 @@ def run_case(fn, stage: str, view: str, hide: List[str], timeout: float, seed: i
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run_task(task, stage: str, view: str, hide: List[str], timeout: float, seed: int):
-    """Every case of one task, one fresh child each: ``(case results, paths minibn was imported from)``."""
+def run_mpi_case(fn, stage: str, view: str, hide: List[str], timeout: float, seed: int, nprocs: int):
+    """Run one SyncBatchNorm case (its scenarios under ``mpiexec``, ``batch.py``):
+    ``(ok, message, seconds, imported paths)``."""
+    from . import batch, remote
+    from .conformance import Fail
+    ctx = batch.Context(stage, view, hide, timeout, _mpiexec(), nprocs, seed)
+    t0 = time.monotonic()
+    try:
+        fn(ctx)
+        return True, "", round(time.monotonic() - t0, 4), ctx.imported
+    except (Fail, batch.MpiTimeout) as exc:
+        message = str(exc)
+    except batch.MpiDied as exc:
+        message = f"crashed: {exc}"
+    except remote.ProtocolError as exc:
+        message = f"the student's processes broke the grader's output format: {exc}"
+    except Exception as exc:  # noqa: B902 - an output of an unexpected kind
+        message = f"unexpected result: {type(exc).__name__}: {exc}"
+    return False, message[:1200], round(time.monotonic() - t0, 4), ctx.imported
+
+
+def run_task(task, stage: str, view: str, hide: List[str], timeout: float, seed: int, nprocs: int = 2):
+    """Every case of one task, one fresh child (or mpiexec) each: ``(case results, imported paths)``."""
     from .conformance import CASES
     cases, imported, timeouts = [], set(), 0
     for name, fn in CASES.get(task.id, []):
@@ -174,10 +197,14 @@ def run_task(task, stage: str, view: str, hide: List[str], timeout: float, seed:
             cases.append(dict(name=name, ok=False, seconds=0.0,
                               message=f"not run: {timeouts} cases of this task already timed out"))
             continue
-        ok, message, seconds, where = run_case(fn, stage, view, hide, timeout, seed)
+        if task.id == "syncbn":
+            ok, message, seconds, where = run_mpi_case(fn, stage, view, hide, timeout, seed, nprocs)
+            imported.update(where)
+        else:
+            ok, message, seconds, where = run_case(fn, stage, view, hide, timeout, seed)
+            if where:
+                imported.add(where)
         timeouts += message.startswith("timed out")
-        if where:
-            imported.add(where)
         cases.append(dict(name=name, ok=ok, message=message, seconds=seconds))
     return cases, sorted(imported)
 
@@ -201,8 +228,8 @@ def grade(directory: str, tasks=None, timeout: float = DEFAULT_CASE_TIMEOUT, job
         if t.id not in present:
             rows[t.id] = dict(task=t.id, title=t.title, skipped="no solution regions for this task in the "
                               "grader's source tree")
-        elif t.id in NOT_YET:
-            rows[t.id] = dict(task=t.id, title=t.title, skipped=NOT_YET[t.id])
+        elif t.id == "syncbn" and mpi_available() is not None:
+            rows[t.id] = dict(task=t.id, title=t.title, skipped=mpi_available())
         else:
             to_run.append(t)
     jobs = jobs or max(1, min(4, os.cpu_count() or 1))
@@ -223,7 +250,7 @@ def grade(directory: str, tasks=None, timeout: float = DEFAULT_CASE_TIMEOUT, job
             views.append(tempfile.mkdtemp(prefix="minibn-view-"))
             stages[t.id] = (stage, views[-1])
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = {t.id: pool.submit(run_task, t, *stages[t.id], hide, timeout, seed) for t in to_run}
+            futures = {t.id: pool.submit(run_task, t, *stages[t.id], hide, timeout, seed, nprocs) for t in to_run}
             for t in to_run:
                 cases, imported = futures[t.id].result()
                 passed = sum(c["ok"] for c in cases)

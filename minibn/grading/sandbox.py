@@ -30,11 +30,12 @@ from typing import Dict, List, Tuple
 
 from .regions import MarkerError, find_regions
 
-__all__ = ["assemble", "launch", "isolation", "GRAPH_BLOCK"]
+__all__ = ["assemble", "launch", "launch_mpi", "isolation", "GRAPH_BLOCK"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OWN_PACKAGE = os.path.dirname(HERE)
 SERVER = os.path.join(HERE, "server.py")
+MPI_RANK = os.path.join(HERE, "mpi_rank.py")
 GRAPH_BLOCK = ("raise RuntimeError('batch_norm_backward (the closed form) is not available while "
                "bn_backward_graph is graded: derive the gradient through the graph yourself')")
 
@@ -179,35 +180,82 @@ def _hide_targets(paths: List[str], keep: List[str]) -> List[Tuple[str, bool]]:
     return out
 
 
+def _environment(workdir):
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "MINIBN_KERNELS": "reference",
+            "MINIBN_BACKEND": "numpy", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1",
+            "HOME": workdir}
+
+
+def _isolated(cmd: List[str], stage: str, view: str, hide: List[str], workdir: str,
+              writable: Tuple[str, ...] = (), mpi: bool = False) -> List[str]:
+    """``cmd`` run in a user+mount namespace (where available): ``stage`` seen read-only as ``view``,
+    ``hide`` covered, every file system read-only but an empty ``workdir`` and the ``writable`` folders.
+    ``mpi``: the ranks of ``mpiexec`` get a private ``/dev/shm`` and a PID namespace (they start sessions of
+    their own; killing the launcher then ends every process it started)."""
+    if isolation() != "namespaces":
+        return cmd
+    keep = [sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)), view, workdir,
+            *writable, *sysconfig.get_paths().values()]
+    script = [f"mount --bind {shlex.quote(stage)} {shlex.quote(view)}",
+              f"mount -o remount,bind,ro {shlex.quote(view)} || true"]
+    for path, is_dir in _hide_targets(hide, keep):
+        script.append(f"mount -t tmpfs -o size=64k,mode=0555 none {shlex.quote(path)}" if is_dir
+                      else f"mount --bind /dev/null {shlex.quote(path)}")
+    # then every mount read-only (nothing on this machine can be written, the grader's interpreter
+    # included), and a fresh, empty, writable working folder
+    script.append('for m in $(cut -d" " -f2 /proc/self/mounts | sort -u); do '
+                  'mount -o remount,bind,ro "$m" 2>/dev/null || true; done')
+    script.append(f"mount -t tmpfs -o size=64m none {shlex.quote(workdir)}")
+    if mpi and os.path.isdir("/dev/shm"):    # MPI's shared memory between the ranks: a fresh, private one
+        script.append("mount -t tmpfs -o size=256m none /dev/shm")
+    for path in writable:                # a folder the grader reads back (its files are parsed strictly)
+        script.append(f"mount --bind {shlex.quote(path)} {shlex.quote(path)}")
+        script.append(f"mount -o remount,bind,rw {shlex.quote(path)}")
+    script.append("exec " + " ".join(shlex.quote(a) for a in cmd))
+    pid = ["--pid", "--fork", "--kill-child", "--mount-proc"] if mpi else []
+    return [shutil.which("unshare"), "--user", "--map-root-user", "--mount", *pid, "sh", "-ec",
+            "\n".join(script)]
+
+
+def _config(stage, view, workdir, **more):
+    base = view if isolation() == "namespaces" else stage
+    return base, {"root": os.path.join(base, "pkg"),
+                  "path": [p.replace(stage, base) if p.startswith(stage) else p for p in _library_links(stage)],
+                  "cwd": workdir, **more}
+
+
 def launch(stage: str, view: str, hide: List[str], req_r: int, rep_w: int, workdir: str, stdout, stderr):
     """Start the child on the assembled package ``stage/pkg`` (seen as ``view/pkg``)."""
     shutil.copy(SERVER, os.path.join(stage, "server.py"))
-    namespaced = isolation() == "namespaces"
-    base = view if namespaced else stage
-    config = {"root": os.path.join(base, "pkg"), "path": [p.replace(stage, base) if p.startswith(stage) else p
-                                                          for p in _library_links(stage)],
-              "cwd": workdir, "req": req_r, "rep": rep_w}
+    base, config = _config(stage, view, workdir, req=req_r, rep=rep_w)
     python = [sys.executable, "-I", "-S", os.path.join(base, "server.py"), json.dumps(config)]
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "MINIBN_KERNELS": "reference",
-           "MINIBN_BACKEND": "numpy", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-           "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1",
-           "HOME": workdir}
-    if namespaced:
-        keep = [sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)), view, workdir,
-                *sysconfig.get_paths().values()]
-        script = [f"mount --bind {shlex.quote(stage)} {shlex.quote(view)}",
-                  f"mount -o remount,bind,ro {shlex.quote(view)} || true"]
-        for path, is_dir in _hide_targets(hide, keep):
-            script.append(f"mount -t tmpfs -o size=64k,mode=0555 none {shlex.quote(path)}" if is_dir
-                          else f"mount --bind /dev/null {shlex.quote(path)}")
-        # then every mount read-only (nothing on this machine can be written, the grader's interpreter
-        # included), and a fresh, empty, writable working folder
-        script.append('for m in $(cut -d" " -f2 /proc/self/mounts | sort -u); do '
-                      'mount -o remount,bind,ro "$m" 2>/dev/null || true; done')
-        script.append(f"mount -t tmpfs -o size=64m none {shlex.quote(workdir)}")
-        script.append("exec " + " ".join(shlex.quote(a) for a in python))
-        cmd = [shutil.which("unshare"), "--user", "--map-root-user", "--mount", "sh", "-ec", "\n".join(script)]
-    else:
-        cmd = python
-    return subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+    return subprocess.Popen(_isolated(python, stage, view, hide, workdir), cwd=workdir,
+                            env=_environment(workdir), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                             pass_fds=(req_r, rep_w), start_new_session=True)
+
+
+def libmpi() -> str:
+    """The MPI library mpi4py loads (``python -S`` does not search the site prefixes for it)."""
+    for d in (os.path.join(sys.prefix, "lib"), os.path.join(sys.base_prefix, "lib")):
+        for name in ("libmpi.so.12", "libmpi.so.40", "libmpi.dylib", "libmpi.so"):   # .so may be a linker script
+            if os.path.exists(os.path.join(d, name)):
+                return os.path.join(d, name)
+    return ""
+
+
+def launch_mpi(mpiexec: str, nprocs: int, stage: str, view: str, hide: List[str], scenario: str, out: str,
+               workdir: str, stdout, stderr):
+    """``mpiexec -n nprocs`` of ``mpi_rank.py`` on the assembled package; ``scenario`` is read (it lies
+    in ``stage``), each rank writes ``out/rank<R>.npz``."""
+    if not os.path.exists(os.path.join(stage, "mpi_rank.py")):
+        shutil.copy(MPI_RANK, os.path.join(stage, "mpi_rank.py"))
+    base = view if isolation() == "namespaces" else stage
+    base, config = _config(stage, view, workdir, scenario=scenario.replace(stage, base, 1), out=out)
+    python = [sys.executable, "-I", "-S", os.path.join(base, "mpi_rank.py"), json.dumps(config)]
+    env = _environment(workdir)
+    if libmpi():
+        env["MPI4PY_LIBMPI"] = libmpi()
+    cmd = [mpiexec, "-n", str(nprocs), *python]
+    return subprocess.Popen(_isolated(cmd, stage, view, hide, workdir, writable=(out,), mpi=True), cwd=workdir, env=env,
+                            stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True)
