@@ -1,4 +1,4 @@
-"""``python -m minibn {article,figures,lessons,lesson,notebooks,info,bench,gpu-check,assignment,grade}``.
+"""``python -m minibn {article,figures,lessons,lesson,notebooks,info,bench,gpu-check,check,assignment,grade}``.
 
 Every command works from any directory, in a clone and in an installed minibn:
 :mod:`minibn.lessons_index` says where the lessons are and where the figures go.
@@ -48,7 +48,12 @@ def run_lesson(path: str, index: int = 1, total: int = 1) -> int:
     counter = f"[{index}/{total}] " if total > 1 else ""
     print(f"\n{'=' * 78}\n{counter}{os.path.basename(path)}\n{'=' * 78}", flush=True)
     sys.stderr.flush()
-    return subprocess.call([sys.executable, path], cwd=lessons_index.source_tree() or os.getcwd())
+    # the lesson imports this minibn (the one running this command), never another installed one:
+    # the folder that holds this package comes first on the lesson's sys.path
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(lessons_index.PACKAGE_DIR),
+                                                    env.get("PYTHONPATH")) if p)
+    return subprocess.call([sys.executable, path], cwd=lessons_index.source_tree() or os.getcwd(), env=env)
 
 
 def cmd_lesson(args):
@@ -151,6 +156,8 @@ def build_parser():
     i.set_defaults(func=cmd_info)
     sub.add_parser("bench", help="the benchmark tables (options: python -m minibn bench --help)")
     sub.add_parser("gpu-check", help="on a GPU machine: install, test, compare, bench, SyncBN (under 5 min)")
+    sub.add_parser("check", help="run the assignment's public cases on this minibn's own code "
+                                 "(options: python -m minibn check --help)")
     s = sub.add_parser("assignment", help="write a student copy with solution regions removed")
     s.add_argument("out")
     s.set_defaults(func=cmd_assignment)
@@ -164,11 +171,17 @@ def build_parser():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:       # the benchmark parses its own options (--quick, --shapes ...)
+        if not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")):
+            print("minibn bench: the benchmark is not part of this copy of minibn", file=sys.stderr)
+            return 2
         from .bench import main as bench_main
         return bench_main(argv[1:])
     if argv[:1] == ["gpu-check"]:   # so does the GPU check (--no-install, --only ...)
         from .gpu_check import main as gpu_check_main
         return gpu_check_main(argv[1:])
+    if argv[:1] == ["check"]:       # the self-check parses its own arguments (task names)
+        from .selfcheck import main as check_main
+        return check_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0

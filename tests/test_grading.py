@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -228,10 +227,13 @@ def test_real_tree_scores_full_marks(grades):
     tasks = graded(result)
     assert code == 0 and result["full_marks"], json.dumps(result["tasks"], indent=1)[:3000]
     assert BN_TASKS <= set(tasks)
-    assert ("syncbn" in tasks) == ("syncbn" in present_tasks() and mpi_available() is None)
+    if mpi_available() is None:
+        assert tasks["syncbn"]["cases_total"] >= 10   # graded under mpiexec, in batch mode
     for t in tasks.values():
         assert t["points"] == t["max"] and t["passed"] == t["cases_total"] > 0
-        assert t["imported"] == [os.path.join(os.path.realpath(ROOT), "minibn", "__init__.py")]
+        # the assembled package, never the hand-in's or the grader's own files
+        assert len(t["imported"]) == 1 and t["imported"][0].endswith(os.path.join("pkg", "minibn", "__init__.py"))
+        assert not t["imported"][0].startswith(os.path.realpath(ROOT))
 
 
 @pytest.mark.slow
@@ -242,7 +244,7 @@ def test_untouched_stubs_score_zero(student_copy, grades):
         assert t["passed"] == 0
         assert "NotImplementedError" in t["first_failure"]["message"]
         assert t["task"] in t["first_failure"]["message"]
-        assert t["imported"] == [os.path.join(os.path.realpath(student_copy), "minibn", "__init__.py")]
+        assert len(t["imported"]) == 1 and not t["imported"][0].startswith(os.path.realpath(student_copy))
 
 
 # Each planted mistake: (task that must lose marks, substitutions). The first four are the
@@ -272,6 +274,9 @@ PLANTS = {
     "layernorm_dgamma_without_x_hat": ("ln_gn_backward", [
         ("minibn/sample_norms.py", "dweight = sum_float64(dy * cache.x_hat, cache.param_axes)",
          "dweight = sum_float64(dy, cache.param_axes)")]),
+    "syncbn_local_variance": ("syncbn", [
+        ("minibn/distributed.py", "return total, xp.asarray(g_mean), xp.asarray(g_var)",
+         "return total, xp.asarray(g_mean), xp.asarray(var)")]),
     "syncbn_backward_not_reduced": ("syncbn", [
         ("minibn/distributed.py", "return total[:C], total[C:]", "return sum_dy, sum_dy_xhat")]),
 }
@@ -303,9 +308,7 @@ def test_student_output_hangs_and_crashes_are_contained(tmp_path):
           "    # >>> solution: running_stats\n    import os\n    os._exit(7)\n")
     plant(root, "minibn/functional.py", "    # >>> solution: bn_forward.normalize\n",
           '    # >>> solution: bn_forward.normalize\n    print(\'{"event": "done"}\', flush=True)\n')
-    t0 = time.monotonic()
     code, result = grade(root, "--timeout", "3", "--tasks", "merge_moments,running_stats,bn_forward")
-    assert time.monotonic() - t0 < 60
     tasks = graded(result)
     assert set(tasks) == {"merge_moments", "running_stats", "bn_forward"} and code == 1
     assert tasks["bn_forward"]["points"] == tasks["bn_forward"]["max"]

@@ -67,14 +67,23 @@ def _made(name) -> Engine:
             engine = _engines.get(name)
             if engine is None:
                 module_name, class_name = _REGISTRY[name]
-                module = importlib.import_module(f"{__package__}.{module_name}")
+                try:
+                    module = importlib.import_module(f"{__package__}.{module_name}")
+                except ModuleNotFoundError as exc:
+                    if exc.name != f"{__package__}.{module_name}":
+                        raise                      # a dependency of the engine (numba, cupy) is missing
+                    raise RuntimeError(f"the {name} engine is not part of this copy of minibn (the course's "
+                                       "student copy has the reference engine only: functional.py)") from None
                 engine = _engines[name] = getattr(module, class_name)()
     return engine
 
 
 def engine_available(name) -> bool:
     """True when the engine ``name`` can run here (its dependencies import, a GPU for cupy)."""
-    return _made(_canonical(name, "engine_available")).available()
+    try:
+        return _made(_canonical(name, "engine_available")).available()
+    except RuntimeError:                           # not part of this copy
+        return False
 
 
 def get_engine(name) -> Engine:

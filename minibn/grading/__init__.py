@@ -5,10 +5,9 @@
     of minibn's source is replaced by a ``NotImplementedError`` that states the
     article's formula.
 ``python -m minibn grade DIR [--json] [--timeout S] [--tasks a,b]``
-    grades a copy (:func:`main`): each task's conformance cases run in a fresh
-    interpreter that imports DIR's minibn (never the installed one), with a
-    time limit per case, and a score table is printed.  The exit status is 0
-    only for full marks.
+    grades a hand-in (:func:`main`): see below; a score table is printed with
+    the run's random seed and the isolation the machine gave.  The exit
+    status is 0 only for full marks.
 
 Solution regions are marked in the source by two comment lines::
 
@@ -27,20 +26,27 @@ Decisions a course needs to know:
   a task whose code is missing from a student's copy then scores zero.  The
   SyncBatchNorm task runs under ``mpiexec -n 2`` and is skipped (and left out
   of the maximum) only where mpi4py or mpiexec is not installed.
-* Each task is graded with every *other* task's functions replaced by the
-  grader's reference (``conformance.install_references``): a mistake costs the
-  marks of its own task only.
-* The fast engines (``engines/``) hold a second arrangement of the same math
-  that the layers use by default.  The grader selects the reference engine,
-  which *is* ``functional.py`` (``MINIBN_KERNELS=reference``, checked in each
-  grading process), and the student copy's ``__init__.py`` makes it the
-  default at import, so the layers always run the ``functional`` code the
-  student writes.  The engines stay in the copy as they are.
+* The grader judges; the student's code only computes.  The cases run in the
+  grading process; each talks to a fresh child (``server.py``) that sees only
+  the submission assembled from the grader's own handout with the hand-in's
+  regions of the graded task spliced in (``sandbox.py``; other tasks' regions
+  are the grader's reference, files outside the regions are never used), and
+  replies with raw outputs that ``remote.py`` parses with a fixed schema.
+  Where user+mount namespaces exist, the child sees a read-only file system
+  with the grader and the hand-in folder hidden.
+* SyncBatchNorm cases run in batch mode (``batch.py``): the grader writes a
+  scenario (per-rank inputs and steps) as plain files, ``mpiexec -n N`` runs
+  ``mpi_rank.py`` on every rank (the same assembly and isolation, a time
+  limit), each rank writes raw outputs to its own ``.npz``, and the grader
+  reads them with ``allow_pickle=False``, checks them against the scenario's
+  schema and judges them against its own reference on the whole batch.
 
 Modules: ``tasks`` (the task table), ``regions`` (markers, stubs),
-``assignment`` (the student copy), ``runner`` (the grader's command line and
-process handling), ``child`` (the grading subprocess), ``conformance`` (the
-cases), ``reference`` (the grader's independent float64 implementation).
+``assignment`` (the student copy), ``runner`` (the command line, one child per
+case), ``sandbox`` (assembly, the child's isolation), ``server`` (the child),
+``remote`` (the wire format and proxies), ``batch`` and ``mpi_rank`` (the
+SyncBatchNorm scenarios and their rank program), ``conformance`` (the cases),
+``reference`` (the grader's independent float64 implementation).
 """
 from .assignment import write_assignment
 from .runner import grade, main
