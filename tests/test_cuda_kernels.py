@@ -308,6 +308,7 @@ def test_gpu_check_without_a_gpu_says_so_and_exits_non_zero():
     assert proc.stdout == ""                                 # nothing installed, nothing run
 
 
+@pytest.mark.slow
 @parent_only
 def test_a_step_past_its_limit_is_killed_with_its_children(tmp_path):
     from minibn import gpu_check

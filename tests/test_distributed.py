@@ -488,6 +488,7 @@ def test_polling_returns_as_soon_as_the_request_completes():
     assert completed and len(clock.sleeps) == 5 and waited == pytest.approx(sum(clock.sleeps))
 
 
+@pytest.mark.slow
 @needs_mpi
 def test_a_rank_in_eval_while_the_other_trains_ends_with_the_timeout_message(tmp_path):
     """The issue's case: rank 0 switched to eval, rank 1 still trains and waits in its forward's

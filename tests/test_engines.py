@@ -464,6 +464,7 @@ def test_numpy_engine_hands_small_empty_and_float16_inputs_to_the_reference():
         assert type(cache) is F.BNCache and y.shape == x.shape
 
 
+@pytest.mark.slow
 def test_environment_variable_selects_the_reference_path():
     code = ("import numpy as np, minibn.engines as E;"
             "x = np.random.default_rng(0).standard_normal((64, 512)).astype(np.float32);"
@@ -575,6 +576,7 @@ def test_textbook_implementation_in_the_benchmark_is_right(ref):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_bench_quick_run_prints_tables(capsys):
     rc = bench.main(["--shapes", "64x8,4x3x9x9", "--dtypes", "float32", "--repeats", "2", "--warmup", "1",
                      "--no-syncbn", "--no-gpu", "--no-torch"])

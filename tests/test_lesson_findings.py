@@ -13,6 +13,8 @@ import pytest
 
 from lesson_utils import REPO, parse_values, run_lesson
 
+pytestmark = pytest.mark.slow          # each test runs lessons
+
 NUMBER = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
 
 
