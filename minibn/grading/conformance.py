@@ -21,7 +21,7 @@ from typing import Callable, List, Tuple
 
 import numpy as np
 
-from . import reference as R
+import minibn.grading.reference as R
 from .remote import Callback, Mut, RemoteError, typename
 
 CASES: "OrderedDict[str, List[Tuple[str, Callable]]]" = OrderedDict()

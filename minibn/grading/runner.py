@@ -107,7 +107,8 @@ def _tail(path, n=600):
 
 def run_case(fn, stage: str, view: str, hide: List[str], timeout: float, seed: int):
     """Run one case against a fresh child: ``(ok, message, seconds, imported path)``."""
-    from . import remote, sandbox
+    import minibn.grading.remote as remote
+    import minibn.grading.sandbox as sandbox
     from .conformance import Fail
     workdir = tempfile.mkdtemp(prefix="minibn-case-")
     req_r, req_w = os.pipe()
@@ -170,7 +171,8 @@ def run_case(fn, stage: str, view: str, hide: List[str], timeout: float, seed: i
 def run_mpi_case(fn, stage: str, view: str, hide: List[str], timeout: float, seed: int, nprocs: int):
     """Run one SyncBatchNorm case (its scenarios under ``mpiexec``, ``batch.py``):
     ``(ok, message, seconds, imported paths)``."""
-    from . import batch, remote
+    import minibn.grading.batch as batch
+    import minibn.grading.remote as remote
     from .conformance import Fail
     ctx = batch.Context(stage, view, hide, timeout, _mpiexec(), nprocs, seed)
     t0 = time.monotonic()
@@ -214,7 +216,7 @@ def run_task(task, stage: str, view: str, hide: List[str], timeout: float, seed:
 def grade(directory: str, tasks=None, timeout: float = DEFAULT_CASE_TIMEOUT, jobs: Optional[int] = None,
           nprocs: int = 2, seed: Optional[int] = None) -> dict:
     """Grade the hand-in in ``directory``; returns the machine-readable result (see ``--json``)."""
-    from . import sandbox
+    import minibn.grading.sandbox as sandbox
     from .assignment import write_assignment
     root = resolve_dir(directory)
     present = present_tasks()
